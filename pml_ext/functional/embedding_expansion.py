@@ -1,0 +1,268 @@
+"""Embedding Expansion (Ko & Gu, CVPR 2020, arXiv 2003.02546): pure tensor math.
+
+Every synthetic point is a fixed linear combination of two originals, optionally rescaled to
+unit norm. We therefore describe the expanded set (originals first, then synthetic points) by
+two endpoint indices and two weights per point, and derive every inner product, norm and
+Euclidean distance over the expanded set from the originals' B x B Gram matrix: the expanded
+matrix costs gathers and a few multiply-adds per entry instead of another matrix product over d.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "PAIR_MODES",
+    "ExpandedSet",
+    "class_indices",
+    "division_point_pairs",
+    "expansion_weights",
+    "expand",
+    "division_points",
+    "expanded_embeddings",
+    "expanded_distance_matrix",
+    "class_pair_hardest",
+    "hardened_pair_matrix",
+    "safe_sqrt",
+]
+
+PAIR_MODES = ("all", "adjacent")
+
+
+class ExpandedSet(NamedTuple):
+    """The originals plus synthetic points, as endpoint indices and weights.
+
+    Point m equals ``scale[m] * (w_first[m] * x[first[m]] + w_second[m] * x[second[m]])``;
+    rows ``0..B-1`` are the originals (``first = second = m``, weights 1 and 0, scale 1).
+    ``scale`` is None until the Gram matrix is known (it depends on the embeddings when the
+    synthetic points are L2-normalised).
+    """
+
+    first: torch.Tensor  # [M] long
+    second: torch.Tensor  # [M] long
+    w_first: torch.Tensor  # [M] float
+    w_second: torch.Tensor  # [M] float
+    labels: torch.Tensor  # [M]
+    is_synthetic: torch.Tensor  # [M] bool
+    num_originals: int
+
+
+def class_indices(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unique labels and each sample's class index into them (0..C-1)."""
+    unique, inverse = torch.unique(labels, return_inverse=True)
+    return unique, inverse
+
+
+def division_point_pairs(
+    labels: torch.Tensor, pairs: str = "all"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same-class pairs (i, j) between which synthetic points are made.
+
+    ``pairs="all"``: every unordered same-class pair i < j (the paper's Fig. 1).
+    ``pairs="adjacent"``: the official code's disjoint consecutive pairs within each class in
+    batch order: the 1st and 2nd sample of a class, the 3rd and 4th, ...; an odd leftover
+    sample stays unpaired.
+    """
+    if pairs not in PAIR_MODES:
+        raise ValueError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    device = labels.device
+    if pairs == "all":
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        i, j = torch.triu(same, diagonal=1).nonzero(as_tuple=True)
+        return i, j
+    n = labels.numel()
+    if n < 2:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    order = torch.sort(labels, stable=True).indices  # class blocks, batch order inside
+    sorted_labels = labels[order]
+    positions = torch.arange(n, device=device)
+    new_block = torch.ones(n, dtype=torch.bool, device=device)
+    new_block[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    block_start = torch.cummax(torch.where(new_block, positions, 0), dim=0).values
+    rank = positions - block_start
+    has_next = torch.zeros(n, dtype=torch.bool, device=device)
+    has_next[:-1] = sorted_labels[1:] == sorted_labels[:-1]
+    starts = positions[(rank % 2 == 0) & has_next]
+    return order[starts], order[starts + 1]
+
+
+def expansion_weights(
+    first: torch.Tensor, second: torch.Tensor, n_points: int, dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Endpoints and weights of the n internal division points of every pair (EE Eq. 1).
+
+    x̄_k = (k·x_i + (n+1−k)·x_j)/(n+1), k = 1..n; returned pair-major, k-minor.
+    """
+    k = torch.arange(1, n_points + 1, device=first.device, dtype=dtype)
+    w_i = (k / (n_points + 1)).repeat(first.numel())
+    w_j = 1 - w_i
+    return (
+        first.repeat_interleave(n_points),
+        second.repeat_interleave(n_points),
+        w_i,
+        w_j,
+    )
+
+
+def expand(
+    labels: torch.Tensor, n_points: int = 2, pairs: str = "all", dtype: torch.dtype = torch.float32
+) -> ExpandedSet:
+    """Describe the expanded set (originals + synthetic points) of a batch."""
+    if not isinstance(n_points, int) or isinstance(n_points, bool) or n_points < 0:
+        raise ValueError(f"n_points must be an int >= 0, got {n_points!r}")
+    b = labels.numel()
+    device = labels.device
+    arange = torch.arange(b, device=device)
+    pi, pj = division_point_pairs(labels, pairs)
+    si, sj, swi, swj = expansion_weights(pi, pj, n_points, dtype)
+    ones = torch.ones(b, dtype=dtype, device=device)
+    return ExpandedSet(
+        first=torch.cat([arange, si]),
+        second=torch.cat([arange, sj]),
+        w_first=torch.cat([ones, swi]),
+        w_second=torch.cat([ones * 0, swj]),
+        labels=torch.cat([labels, labels[si]]),
+        is_synthetic=torch.cat(
+            [torch.zeros(b, dtype=torch.bool, device=device), torch.ones(si.numel(), dtype=torch.bool, device=device)]
+        ),
+        num_originals=b,
+    )
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt that is 0 with zero gradient where x <= 0 (duplicate points), never NaN."""
+    positive = x > 0
+    return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(x))
+
+
+def _expanded_gram(gram: torch.Tensor, ex: ExpandedSet, normalize: bool) -> torch.Tensor:
+    """Inner products over the expanded set from the originals' Gram matrix: W G Wᵀ by gathers."""
+    f, s, wf, ws = ex.first, ex.second, ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
+    g = (
+        wf[:, None] * wf[None, :] * gram[f[:, None], f[None, :]]
+        + wf[:, None] * ws[None, :] * gram[f[:, None], s[None, :]]
+        + ws[:, None] * wf[None, :] * gram[s[:, None], f[None, :]]
+        + ws[:, None] * ws[None, :] * gram[s[:, None], s[None, :]]
+    )
+    if normalize and bool(ex.is_synthetic.any()):
+        scale = _synthetic_scale(gram, ex)
+        g = g * scale[:, None] * scale[None, :]
+    return g
+
+
+def _synthetic_scale(gram: torch.Tensor, ex: ExpandedSet) -> torch.Tensor:
+    """1/‖x̄‖ for synthetic points (1 for originals): the L2 normalisation of EE Eq. 2."""
+    f, s = ex.first, ex.second
+    wf, ws = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
+    sq_norm = wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
+    norm = safe_sqrt(sq_norm)
+    # A zero-norm midpoint (antipodal endpoints) stays at the origin rather than becoming NaN.
+    inv = torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(norm))
+    return torch.where(ex.is_synthetic, inv, torch.ones_like(inv))
+
+
+def expanded_embeddings(x: torch.Tensor, ex: ExpandedSet, normalize: bool) -> torch.Tensor:
+    """The explicit expanded set [M, d] (originals first). Used by the fallback path and tests."""
+    wf = ex.w_first.to(x.dtype)[:, None]
+    ws = ex.w_second.to(x.dtype)[:, None]
+    points = wf * x[ex.first] + ws * x[ex.second]
+    if normalize and bool(ex.is_synthetic.any()):
+        norms = safe_sqrt((points * points).sum(dim=1, keepdim=True))
+        inv = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(norms))
+        points = torch.where(ex.is_synthetic[:, None], points * inv, points)
+    return points
+
+
+def division_points(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    n_points: int = 2,
+    normalize: bool = True,
+    pairs: str = "all",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic points of EE (Eq. 1, and Eq. 2 when ``normalize``): returns (points, labels).
+
+    Only the synthetic points are returned, pair-major; the originals are not repeated.
+    """
+    ex = expand(labels, n_points, pairs, embeddings.dtype)
+    pts = expanded_embeddings(embeddings, ex, normalize)
+    return pts[ex.num_originals :], ex.labels[ex.num_originals :]
+
+
+def _gram_kind(distance) -> Optional[str]:
+    """Which distances allow the Gram-matrix shortcut (exactly PML's own compute_mat)."""
+    from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+
+    compute_mat = type(distance).compute_mat
+    if compute_mat is DotProductSimilarity.compute_mat or compute_mat is CosineSimilarity.compute_mat:
+        return "inner"
+    if compute_mat is LpDistance.compute_mat and distance.p == 2:
+        return "euclidean"
+    return None
+
+
+def expanded_distance_matrix(
+    embeddings: torch.Tensor, ex: ExpandedSet, distance, normalize: bool = True
+) -> torch.Tensor:
+    """The user's PML distance over the expanded set, [M, M].
+
+    The originals are first passed through ``distance.maybe_normalize`` (what the distance
+    itself would do); synthetic points are then built from them and L2-normalised when
+    ``normalize`` (EE Eq. 2) — they are not re-normalised by the distance, so that
+    ``normalize=False`` keeps the paper's ablation meaning. ``distance.power`` is applied.
+    """
+    x = distance.maybe_normalize(embeddings)
+    kind = _gram_kind(distance)
+    if kind is None:
+        points = expanded_embeddings(x, ex, normalize)
+        mat = distance.compute_mat(points, points)
+    else:
+        gram = x @ x.t()
+        g = _expanded_gram(gram, ex, normalize)
+        if kind == "inner":
+            mat = g
+        else:
+            sq_norms = torch.diagonal(g)
+            mat = safe_sqrt(sq_norms[:, None] + sq_norms[None, :] - 2 * g)
+    if distance.power != 1:
+        mat = mat**distance.power
+    return mat
+
+
+def class_pair_hardest(
+    mat: torch.Tensor,
+    row_classes: torch.Tensor,
+    col_classes: torch.Tensor,
+    num_classes: int,
+    inverted: bool,
+) -> torch.Tensor:
+    """Hardest value of ``mat`` over all (row, col) pairs of each class pair, [C, C].
+
+    Hardest = smallest distance, or largest similarity when ``inverted``. Two scatter-reduces
+    (rows within a class, then columns), no loop; ties share the gradient evenly.
+    """
+    reduce = "amax" if inverted else "amin"
+    fill = float("-inf") if inverted else float("inf")
+    m_rows, m_cols = mat.shape
+    per_row = torch.full((m_rows, num_classes), fill, dtype=mat.dtype, device=mat.device)
+    per_row = per_row.scatter_reduce(1, col_classes.unsqueeze(0).expand(m_rows, m_cols), mat, reduce)
+    out = torch.full((num_classes, num_classes), fill, dtype=mat.dtype, device=mat.device)
+    return out.scatter_reduce(0, row_classes.unsqueeze(1).expand(m_rows, num_classes), per_row, reduce)
+
+
+def hardened_pair_matrix(
+    mat: torch.Tensor,
+    row_classes: torch.Tensor,
+    col_classes: torch.Tensor,
+    hardest: torch.Tensor,
+) -> torch.Tensor:
+    """Replace every negative pair's value by its class pair's hardest value (EE §3.2).
+
+    Positive pairs (same class) keep their original value from ``mat``.
+    """
+    negative = row_classes[:, None] != col_classes[None, :]
+    return torch.where(negative, hardest[row_classes[:, None], col_classes[None, :]], mat)

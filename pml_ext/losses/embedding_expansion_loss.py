@@ -1,0 +1,196 @@
+"""Embedding Expansion around any PML tuple loss (Ko & Gu, CVPR 2020, §3.2-3.3)."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional, Tuple
+
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction, NPairsLoss
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
+
+from .. import functional as F
+from ..miners.embedding_expansion_miner import EmbeddingExpansionMiner, HardenedBatch
+
+__all__ = ["EmbeddingExpansionLoss"]
+
+
+class EmbeddingExpansionLoss(ModuleWithRecords):
+    """Wrap a PML loss so that it sees EE's hardest negative pairs (EE §3.2, Eqs. 3-6).
+
+    The wrapped loss runs on the original batch with its own distance, reducer and (if given)
+    mined ``indices_tuple``; the only change is that every negative pair's value between
+    classes a and b becomes the hardest value over all pairs between the two classes' expanded
+    sets (originals + internal division points). Positive pairs keep their values. Gradients
+    reach the originals through the selected pair (and through the division points).
+
+    Add EE to a PML loop by changing the loss construction only::
+
+        loss_fn = EmbeddingExpansionLoss(losses.MultiSimilarityLoss())
+        loss = loss_fn(embeddings, labels, miner(embeddings, labels))
+
+    Args:
+        loss: a PML ``BaseMetricLossFunction`` whose ``distance`` gives pair values
+            (Triplet, (Generalized)LiftedStructure, NPairs, MultiSimilarity, Contrastive,
+            Circle, NTXent, SupCon, ...).
+        n_points: synthetic points per same-class pair (paper default 2).
+        normalize: L2-normalise the synthetic points (paper default on).
+        pairs: ``"all"`` same-class pairs (paper) or ``"adjacent"`` (official code).
+        miner: an :class:`EmbeddingExpansionMiner` to use instead of one built from the three
+            arguments above; its statistics are then recorded on it. The hardened values are
+            always computed with the wrapped loss's distance.
+    """
+
+    def __init__(
+        self,
+        loss: BaseMetricLossFunction,
+        n_points: int = 2,
+        normalize: bool = True,
+        pairs: str = "all",
+        miner: Optional[EmbeddingExpansionMiner] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(loss, torch.nn.Module) or not hasattr(loss, "distance"):
+            raise ValueError(
+                "loss must be a PML loss with a distance (a BaseMetricLossFunction), "
+                f"got {type(loss).__name__}"
+            )
+        if isinstance(loss, EmbeddingExpansionLoss):
+            raise ValueError("loss is already an EmbeddingExpansionLoss")
+        if miner is None:
+            miner = EmbeddingExpansionMiner(
+                n_points=n_points, normalize=normalize, pairs=pairs, distance=loss.distance,
+                collect_stats=self.collect_stats,
+            )
+        elif not isinstance(miner, EmbeddingExpansionMiner):
+            raise ValueError(f"miner must be an EmbeddingExpansionMiner, got {type(miner).__name__}")
+        self.loss = loss
+        self.miner = miner
+
+    @property
+    def distance(self):
+        return self.loss.distance
+
+    @property
+    def reducer(self):
+        return getattr(self.loss, "reducer", None)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Optional[Tuple[torch.Tensor, ...]] = None,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError(
+                "EmbeddingExpansionLoss does not support ref_emb/ref_labels: EE expands and "
+                "mines within one batch"
+            )
+        _check_batch(embeddings, labels)
+        distance = self.loss.distance
+        hardened = self.miner.harden(embeddings, labels, distance=distance)
+        hints = _index_hints(self.loss, indices_tuple, labels)
+        proxy = _hardened_distance(distance, embeddings, hardened, hints)
+        self.loss.distance = proxy
+        try:
+            return self.loss(embeddings, labels, indices_tuple)
+        finally:
+            self.loss.distance = distance
+            for name in getattr(distance, "_record_these_stats", []):
+                setattr(distance, name, getattr(proxy, name, 0))
+
+
+def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+        raise ValueError(
+            "embeddings must be a 2-D tensor (batch_size, embedding_size), got "
+            f"{tuple(getattr(embeddings, 'shape', ()))}"
+        )
+    if not embeddings.is_floating_point():
+        raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
+    if labels is None:
+        raise ValueError("labels are required: EE builds synthetic points within classes")
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D tensor, got {tuple(getattr(labels, 'shape', ()))}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if labels.numel() != embeddings.shape[0]:
+        raise ValueError(
+            f"labels has {labels.numel()} entries but embeddings has {embeddings.shape[0]} rows"
+        )
+    if labels.device != embeddings.device:
+        raise ValueError(
+            f"labels are on {labels.device} but embeddings are on {embeddings.device}"
+        )
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("embeddings contain NaN or inf")
+
+
+def _index_hints(loss, indices_tuple, labels) -> Tuple[torch.Tensor, ...]:
+    """Row indices of the sub-batches a loss hands to its distance (N-pair: anchors, positives)."""
+    if isinstance(loss, NPairsLoss):
+        return lmu.convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)
+    return ()
+
+
+class _HardenedDistanceMixin:
+    """Placed before the user's distance class: same settings, hardened negative pairs."""
+
+    _ee_embeddings: torch.Tensor
+    _ee_batch: HardenedBatch
+    _ee_hints: Tuple[torch.Tensor, ...]
+
+    def forward(self, query_emb, ref_emb=None):
+        mat = super().forward(query_emb, ref_emb)
+        rows = self._ee_classes_of(query_emb)
+        cols = rows if ref_emb is None else self._ee_classes_of(ref_emb)
+        return F.hardened_pair_matrix(mat, rows, cols, self._ee_batch.hardest.to(mat.dtype))
+
+    def _ee_classes_of(self, emb: torch.Tensor) -> torch.Tensor:
+        x, classes = self._ee_embeddings, self._ee_batch.classes
+        if emb is x:
+            return classes
+        for idx in self._ee_hints:
+            if idx.numel() == emb.shape[0] and torch.equal(x[idx], emb):
+                return classes[idx]
+        return _classes_by_row_match(emb, x, classes)
+
+
+def _classes_by_row_match(emb: torch.Tensor, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Class of each row of a sub-batch, found by exact equality with the batch's rows."""
+    chunk = max(1, (1 << 24) // max(1, x.numel()))
+    found = []
+    for start in range(0, emb.shape[0], chunk):  # memory chunks, not a loop over samples
+        eq = (emb[start : start + chunk, None, :] == x[None, :, :]).all(-1)
+        if not bool(eq.any(1).all()):
+            raise ValueError(
+                "the wrapped loss passed its distance rows that are not rows of the batch; "
+                "EmbeddingExpansionLoss cannot tell their classes"
+            )
+        first = eq.float().argmax(1)
+        c = classes[first]
+        if bool((eq & (classes[None, :] != c[:, None])).any()):
+            raise ValueError(
+                "identical embeddings with different labels in the batch: cannot tell which "
+                "class a row the wrapped loss passed to its distance belongs to"
+            )
+        found.append(c)
+    return torch.cat(found)
+
+
+_PROXY_CLASSES: Dict[type, type] = {}
+
+
+def _hardened_distance(distance, embeddings, hardened: HardenedBatch, hints):
+    cls = type(distance)
+    if cls not in _PROXY_CLASSES:
+        _PROXY_CLASSES[cls] = type(f"Hardened{cls.__name__}", (_HardenedDistanceMixin, cls), {})
+    proxy = copy.copy(distance)
+    proxy.__class__ = _PROXY_CLASSES[cls]
+    proxy._ee_embeddings = embeddings
+    proxy._ee_batch = hardened
+    proxy._ee_hints = hints
+    return proxy

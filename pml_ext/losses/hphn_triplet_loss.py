@@ -1,0 +1,113 @@
+"""EE + HPHN triplet loss, the official Embedding Expansion code's semantics (Ko & Gu, CVPR 2020)."""
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from .. import functional as F
+from .embedding_expansion_loss import _check_batch
+
+__all__ = ["HPHNTripletLoss"]
+
+
+class HPHNTripletLoss(BaseMetricLossFunction):
+    """Hard-positive hard-negative triplet loss with Embedding Expansion.
+
+    For every original anchor i (official code, clovaai/embedding-expansion):
+
+    - d_ap(i) = hardest original positive (largest distance to a same-class original j != i;
+      synthetic points are never positives);
+    - d_an(i) = hardest pair between the anchor's group {x_i} ∪ {synthetic points of i's pair}
+      and every point, original or synthetic, of another class;
+    - loss_i = [d_ap(i) − d_an(i) + margin]_+, reduced over anchors by the reducer
+      (default mean over anchors with a positive and a negative; MXNet sums, a PyTorch port
+      averages).
+
+    With ``n_points=0`` this is the batch-hard triplet loss (BatchHardMiner + TripletMarginLoss).
+
+    Defaults and their source: ``margin=1e-5`` (official command-line default), ``n_points=2``
+    (paper), ``normalize=True`` (paper), ``pairs="adjacent"`` (official code), distance =
+    Euclidean on L2-normalised embeddings, not squared (official code: sqrt of clipped squared
+    distance), ``MeanReducer``.
+    """
+
+    def __init__(
+        self,
+        margin: float = 1e-5,
+        n_points: int = 2,
+        normalize: bool = True,
+        pairs: str = "adjacent",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(n_points, int) or isinstance(n_points, bool) or n_points < 0:
+            raise ValueError(f"n_points must be an int >= 0, got {n_points!r}")
+        if pairs not in F.PAIR_MODES:
+            raise ValueError(f"pairs must be one of {F.PAIR_MODES}, got {pairs!r}")
+        self.margin = margin
+        self.n_points = n_points
+        self.normalize = normalize
+        self.pairs = pairs
+        self.add_to_recordable_attributes(list_of_names=["margin", "n_points"], is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_anchors", "synthetic_selection_ratio"], is_stat=True
+        )
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("HPHNTripletLoss does not support ref_emb/ref_labels")
+        if indices_tuple is not None:
+            raise ValueError(
+                "HPHNTripletLoss mines its own hardest positives and negatives; indices_tuple "
+                "is not supported"
+            )
+        _check_batch(embeddings, labels)
+        return super().forward(embeddings, labels)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        inverted = self.distance.is_inverted
+        ex = F.expand(labels, self.n_points, self.pairs, embeddings.dtype)
+        b, m = ex.num_originals, ex.labels.numel()
+        mat = F.expanded_distance_matrix(embeddings, ex, self.distance, self.normalize)
+        # Fill values that a max (positives) / min (negatives) over distances ignores.
+        ignore_in_ap = c_f.pos_inf(mat.dtype) if inverted else c_f.neg_inf(mat.dtype)
+        ignore_in_an = c_f.neg_inf(mat.dtype) if inverted else c_f.pos_inf(mat.dtype)
+
+        # Hardest original positive.
+        same = labels[:, None] == labels[None, :]
+        pos_mask = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
+        orig = mat[:b, :b]
+        ap = torch.where(pos_mask, orig, torch.full_like(orig, ignore_in_ap))
+        ap = ap.min(1).values if inverted else ap.max(1).values
+
+        # Hardest negative of every expanded point, then over each anchor's group.
+        neg_mask = ex.labels[:, None] != ex.labels[None, :]
+        an_point = torch.where(neg_mask, mat, torch.full_like(mat, ignore_in_an))
+        an_point = an_point.max(1).values if inverted else an_point.min(1).values
+        synth = torch.arange(b, m, device=labels.device)
+        owners = torch.cat([torch.arange(b, device=labels.device), ex.first[synth], ex.second[synth]])
+        values = torch.cat([an_point[:b], an_point[synth], an_point[synth]])
+        reduce = "amax" if inverted else "amin"
+        an = torch.full((b,), ignore_in_an, dtype=mat.dtype, device=mat.device)
+        an = an.scatter_reduce(0, owners, values, reduce)
+
+        valid = pos_mask.any(1) & (labels[:, None] != labels[None, :]).any(1)
+        self.num_anchors = int(valid.sum())
+        if self.collect_stats:
+            with torch.no_grad():
+                harder = an < an_point[:b] if not inverted else an > an_point[:b]
+                self.synthetic_selection_ratio = float(harder[valid].float().mean()) if valid.any() else 0.0
+        if not bool(valid.any()):
+            return self.zero_losses()
+        anchors = valid.nonzero(as_tuple=True)[0]
+        losses = torch.relu(self.distance.margin(ap[anchors], an[anchors]) + self.margin)
+        return {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
+
+    def get_default_distance(self):
+        return LpDistance(normalize_embeddings=True, p=2, power=1)
+
+    def get_default_reducer(self):
+        return MeanReducer()
