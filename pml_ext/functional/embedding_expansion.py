@@ -227,7 +227,10 @@ def expanded_distance_matrix(
             mat = g
         else:
             sq_norms = torch.diagonal(g)
-            mat = safe_sqrt(sq_norms[:, None] + sq_norms[None, :] - 2 * g)
+            sq = sq_norms[:, None] + sq_norms[None, :] - 2 * g
+            # A point's distance to itself is exactly 0, not sqrt of a rounding residue.
+            eye = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device)
+            mat = safe_sqrt(sq.masked_fill(eye, 0))
     if distance.power != 1:
         mat = mat**distance.power
     return mat

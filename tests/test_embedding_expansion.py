@@ -1,0 +1,247 @@
+"""Embedding Expansion against brute-force references written from the paper's formulas."""
+import pytest
+import torch
+from pytorch_metric_learning import distances, losses, miners, reducers
+
+import pml_ext.functional as F
+from pml_ext.losses import EmbeddingExpansionLoss, HPHNTripletLoss
+from pml_ext.miners import EmbeddingExpansionMiner
+
+from . import ee_reference as ref
+
+LOSS_NAMES = [
+    "TripletMarginLoss",
+    "ContrastiveLoss",
+    "LiftedStructureLoss",
+    "GeneralizedLiftedStructureLoss",
+    "NPairsLoss",
+    "MultiSimilarityLoss",
+    "CircleLoss",
+    "NTXentLoss",
+    "SupConLoss",
+]
+
+DISTANCES = {
+    "l2": lambda: distances.LpDistance(),
+    "l2raw": lambda: distances.LpDistance(normalize_embeddings=False),
+    "l2sq": lambda: distances.LpDistance(power=2),
+    "l1": lambda: distances.LpDistance(p=1),
+    "cos": lambda: distances.CosineSimilarity(),
+    "dot": lambda: distances.DotProductSimilarity(normalize_embeddings=False),
+}
+
+
+def batch(seed=0, classes=(0, 0, 1, 1, 1, 2, 2, 0, 3, 3), dim=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(classes), dim, generator=g, dtype=torch.float64)
+    return x, torch.tensor(classes)
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_division_points_match_formula(pairs, n, normalize):
+    x, y = batch()
+    pts, labs = F.division_points(x, y, n, normalize, pairs)
+    want, want_labs, _ = ref.synthetic_points(x, y, n, normalize, pairs)
+    assert pts.shape == (len(want), x.shape[1])
+    assert torch.allclose(pts, torch.stack(want), atol=1e-12)
+    assert labs.tolist() == want_labs
+
+
+def test_adjacent_pairs_follow_batch_order_and_skip_odd_leftover():
+    y = torch.tensor([5, 3, 5, 3, 5, 3, 3, 9])
+    i, j = F.division_point_pairs(y, "adjacent")
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 2), (1, 3), (5, 6)]
+    i, j = F.division_point_pairs(y, "all")
+    assert len(i) == 3 + 6
+
+
+def test_division_points_of_unit_vectors_are_unit_and_between():
+    x = torch.nn.functional.normalize(torch.randn(4, 3, dtype=torch.float64), dim=1)
+    pts, _ = F.division_points(x, torch.tensor([0, 0, 1, 1]), 4, True, "adjacent")
+    assert torch.allclose(pts.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    raw, _ = F.division_points(x, torch.tensor([0, 0, 1, 1]), 4, False, "adjacent")
+    assert (raw.norm(dim=1) < 1).all()
+
+
+@pytest.mark.parametrize("kind", list(DISTANCES))
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("n", [0, 2])
+def test_hardened_matrix_matches_brute_force(kind, pairs, n):
+    x, y = batch(seed=1)
+    normalize = kind != "l2raw"
+    dist = DISTANCES[kind]()
+    miner = EmbeddingExpansionMiner(n_points=n, normalize=normalize, pairs=pairs, distance=dist)
+    hb = miner.harden(x, y)
+    base = dist(x)
+    got = F.hardened_pair_matrix(base, hb.classes, hb.classes, hb.hardest)
+    want = torch.tensor(ref.hardened_matrix(x, y, n, normalize, pairs, kind), dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-9), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("n", [0, 2])
+def test_wrapped_loss_matches_brute_force(name, n):
+    x, y = batch(seed=2, classes=(0, 0, 1, 1, 1, 2, 2, 2, 0, 3, 3))
+    loss = EmbeddingExpansionLoss(getattr(losses, name)(), n_points=n)
+    got = loss(x, y)
+    dist = loss.loss.distance
+    kind = {
+        "LpDistance": "l2",
+        "CosineSimilarity": "cos",
+        "DotProductSimilarity": "dot" if not dist.normalize_embeddings else "cos",
+    }[type(dist).__name__]
+    H = ref.hardened_matrix(x, y, n, True, "all", kind)
+    want = ref.loss_from_matrix(name, H, y)
+    assert got.item() == pytest.approx(want, rel=1e-7, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_reference_losses_agree_with_pml_on_plain_matrix(name):
+    """The reference formulas are PML's losses: check them on the plain (unhardened) matrix."""
+    x, y = batch(seed=3, classes=(0, 0, 1, 1, 1, 2, 2, 2, 0, 3, 3))
+    pml_loss = getattr(losses, name)()
+    H = pml_loss.distance(x).tolist()
+    assert pml_loss(x, y).item() == pytest.approx(ref.loss_from_matrix(name, H, y), rel=1e-7, abs=1e-9)
+
+
+def test_hardened_values_are_never_easier_than_plain():
+    x, y = batch(seed=4)
+    for kind in ["l2", "cos"]:
+        dist = DISTANCES[kind]()
+        hb = EmbeddingExpansionMiner(n_points=4, distance=dist).harden(x, y)
+        plain = dist(x)
+        hard = F.hardened_pair_matrix(plain, hb.classes, hb.classes, hb.hardest)
+        neg = y[:, None] != y[None, :]
+        if dist.is_inverted:
+            assert (hard[neg] >= plain[neg] - 1e-12).all()
+        else:
+            assert (hard[neg] <= plain[neg] + 1e-12).all()
+        same = ~neg
+        assert torch.equal(hard[same], plain[same])
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_hphn_matches_brute_force(pairs, n):
+    x, y = batch(seed=5, classes=(0, 0, 1, 1, 1, 2, 2, 0, 2, 0))
+    got = HPHNTripletLoss(margin=0.1, n_points=n, pairs=pairs)(x, y)
+    assert got.item() == pytest.approx(ref.hphn_triplet(x, y, n, True, pairs, 0.1), rel=1e-9)
+
+
+@pytest.mark.parametrize("dist", [None, distances.CosineSimilarity(), distances.LpDistance(power=2)])
+def test_hphn_with_zero_points_is_batch_hard_triplet(dist):
+    x, y = batch(seed=6)
+    kw = {} if dist is None else {"distance": dist}
+    ours = HPHNTripletLoss(margin=0.2, n_points=0, **kw)(x, y)
+    pml = losses.TripletMarginLoss(margin=0.2, reducer=reducers.MeanReducer(), **kw)
+    want = pml(x, y, miners.BatchHardMiner(**kw)(x, y))
+    assert ours.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+def test_ee_with_zero_points_is_class_pair_hard_negative_mining():
+    """n=0: each negative value is the hardest original pair between the two classes."""
+    x, y = batch(seed=7)
+    dist = distances.LpDistance()
+    hb = EmbeddingExpansionMiner(n_points=0, distance=dist).harden(x, y)
+    assert hb.expanded.is_synthetic.sum() == 0
+    plain = dist(x)
+    for a in range(len(hb.unique_labels)):
+        for b in range(len(hb.unique_labels)):
+            block = plain[hb.classes == a][:, hb.classes == b]
+            assert hb.hardest[a, b] == pytest.approx(block.min().item())
+
+
+def test_miner_returns_hardest_pairs_in_expanded_set_and_selection_ratio():
+    x, y = batch(seed=8)
+    miner = EmbeddingExpansionMiner(n_points=2, collect_stats=True)
+    a1, p, a2, n = miner(x, y)
+    assert (y[a1] == y[p]).all() and (a1 != p).all()
+    hb = miner.harden(x, y)
+    c = len(hb.unique_labels)
+    assert len(a2) == c * (c - 1)
+    ex_labels = hb.expanded.labels
+    mat = hb.expanded_mat
+    assert (ex_labels[a2] != ex_labels[n]).all()
+    assert torch.allclose(mat[a2, n], hb.hardest[hb.classes.new_tensor(
+        [int((hb.unique_labels == v).nonzero()) for v in ex_labels[a2]]),
+        hb.classes.new_tensor([int((hb.unique_labels == v).nonzero()) for v in ex_labels[n]])])
+    involves = (a2 >= len(y)) | (n >= len(y))
+    assert miner.num_synthetic == int(hb.expanded.is_synthetic.sum())
+    # the recorded ratio counts strictly harder synthetic pairs; it can't exceed the involvement rate
+    assert 0.0 <= miner.synthetic_selection_ratio <= involves.float().mean().item() + 1e-9
+
+
+def test_gradients_reach_originals_through_selected_pair():
+    x, y = batch(seed=9)
+    x = x.clone().requires_grad_(True)
+    loss = EmbeddingExpansionLoss(losses.ContrastiveLoss(pos_margin=0, neg_margin=10), n_points=2)
+    # only negatives contribute (pos margin 0 on a single class pair would be zero anyway)
+    loss(x, y).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["TripletMarginLoss", "MultiSimilarityLoss", "NPairsLoss", "LiftedStructureLoss"])
+def test_gradcheck_wrapped(name):
+    x, y = batch(seed=10, classes=(0, 0, 1, 1, 2, 2), dim=3)
+    x = x.clone().requires_grad_(True)
+    loss = EmbeddingExpansionLoss(getattr(losses, name)(), n_points=2)
+    assert torch.autograd.gradcheck(lambda t: loss(t, y), (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+def test_gradcheck_hphn(pairs):
+    x, y = batch(seed=11, classes=(0, 0, 1, 1, 2, 2, 2), dim=3)
+    x = x.clone().requires_grad_(True)
+    loss = HPHNTripletLoss(margin=0.5, n_points=2, pairs=pairs)
+    assert torch.autograd.gradcheck(lambda t: loss(t, y), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_expanded_distance_matrix():
+    x, y = batch(seed=12, classes=(0, 0, 1, 1), dim=3)
+    x = x.clone().requires_grad_(True)
+    ex = F.expand(y, 2, "all", x.dtype)
+    for dist in [distances.LpDistance(), distances.CosineSimilarity(), distances.LpDistance(p=1)]:
+        assert torch.autograd.gradcheck(
+            lambda t: F.expanded_distance_matrix(t, ex, dist, True), (x,), eps=1e-6, atol=1e-5
+        )
+
+
+def test_gram_shortcut_equals_explicit_points():
+    x, y = batch(seed=13, dim=16)
+    ex = F.expand(y, 3, "all", x.dtype)
+    for dist in [distances.LpDistance(), distances.LpDistance(normalize_embeddings=False, power=2),
+                 distances.CosineSimilarity(), distances.DotProductSimilarity(normalize_embeddings=False)]:
+        for normalize in [True, False]:
+            fast = F.expanded_distance_matrix(x, ex, dist, normalize)
+            pts = F.expanded_embeddings(dist.maybe_normalize(x), ex, normalize)
+            slow = dist.compute_mat(pts, pts) ** dist.power
+            off = ~torch.eye(len(pts), dtype=torch.bool)
+            # cdist's own diagonal carries a rounding residue (it uses a matmul above 25 rows)
+            assert torch.allclose(fast[off], slow[off], atol=1e-9)
+            if not dist.is_inverted:
+                assert (torch.diagonal(fast) == 0).all()
+
+
+def test_user_miner_tuples_are_respected():
+    x, y = batch(seed=14)
+    base = losses.TripletMarginLoss(margin=0.1)
+    tuples = miners.TripletMarginMiner(margin=0.1, type_of_triplets="all")(x, y)
+    ee = EmbeddingExpansionLoss(base, n_points=2)
+    got = ee(x, y, tuples)
+    a, p, n = tuples
+    H = torch.tensor(ref.hardened_matrix(x, y, 2, True, "all", "l2"), dtype=torch.float64)
+    v = torch.relu(H[a, p] - H[a, n] + 0.1)
+    assert got.item() == pytest.approx(v[v > 0].mean().item(), rel=1e-9)
+
+
+def test_loss_keeps_its_distance_and_reducer_after_call():
+    base = losses.TripletMarginLoss()
+    dist, red = base.distance, base.reducer
+    ee = EmbeddingExpansionLoss(base)
+    x, y = batch()
+    ee(x, y)
+    assert base.distance is dist and base.reducer is red and type(base.distance) is distances.LpDistance
+    # the plain loss still gives plain values afterwards
+    assert base(x, y).item() == pytest.approx(losses.TripletMarginLoss()(x, y).item())
