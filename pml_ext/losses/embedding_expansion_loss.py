@@ -144,6 +144,13 @@ class _HardenedDistanceMixin:
     _ee_hints: Tuple[torch.Tensor, ...]
 
     def forward(self, query_emb, ref_emb=None):
+        x, batch = self._ee_embeddings, self._ee_batch
+        if query_emb is x and (ref_emb is None or ref_emb is x):
+            # The originals' block of the expanded matrix is this distance on the batch: reuse it
+            # (it also works for dtypes cdist lacks, e.g. bfloat16).
+            b = batch.expanded.num_originals
+            mat = batch.expanded_mat[:b, :b]
+            return F.hardened_pair_matrix(mat, batch.classes, batch.classes, batch.hardest)
         mat = super().forward(query_emb, ref_emb)
         rows = self._ee_classes_of(query_emb)
         cols = rows if ref_emb is None else self._ee_classes_of(ref_emb)
