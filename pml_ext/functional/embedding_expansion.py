@@ -23,6 +23,10 @@ __all__ = [
     "expanded_embeddings",
     "expanded_distance_matrix",
     "class_pair_hardest",
+    "class_pair_argbest",
+    "expanded_pair_values",
+    "hardest_negative_pairs",
+    "HardestPairs",
     "hardened_pair_matrix",
     "safe_sqrt",
 ]
@@ -140,14 +144,14 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 
 def _expanded_gram(gram: torch.Tensor, ex: ExpandedSet, normalize: bool) -> torch.Tensor:
-    """Inner products over the expanded set from the originals' Gram matrix: W G Wᵀ by gathers."""
+    """Inner products over the expanded set from the originals' Gram matrix: W G Wᵀ.
+
+    W has two non-zeros per row, so W G is two row gathers and (W G) Wᵀ two column gathers
+    (index_select, whose backward is a vectorised index_add).
+    """
     f, s, wf, ws = ex.first, ex.second, ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
-    g = (
-        wf[:, None] * wf[None, :] * gram[f[:, None], f[None, :]]
-        + wf[:, None] * ws[None, :] * gram[f[:, None], s[None, :]]
-        + ws[:, None] * wf[None, :] * gram[s[:, None], f[None, :]]
-        + ws[:, None] * ws[None, :] * gram[s[:, None], s[None, :]]
-    )
+    wg = wf[:, None] * gram.index_select(0, f) + ws[:, None] * gram.index_select(0, s)
+    g = wg.index_select(1, f) * wf[None, :] + wg.index_select(1, s) * ws[None, :]
     if normalize and bool(ex.is_synthetic.any()):
         scale = _synthetic_scale(gram, ex)
         g = g * scale[:, None] * scale[None, :]
@@ -205,6 +209,17 @@ def _gram_kind(distance) -> Optional[str]:
     return None
 
 
+def _mat_from_gram(g: torch.Tensor, kind: str, power) -> torch.Tensor:
+    """A PML distance matrix from inner products of the same point set."""
+    if kind == "euclidean":
+        sq_norms = torch.diagonal(g)
+        sq = sq_norms[:, None] + sq_norms[None, :] - 2 * g
+        # A point's distance to itself is exactly 0, not sqrt of a rounding residue.
+        eye = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device)
+        g = safe_sqrt(sq.masked_fill(eye, 0))
+    return g**power if power != 1 else g
+
+
 def expanded_distance_matrix(
     embeddings: torch.Tensor, ex: ExpandedSet, distance, normalize: bool = True
 ) -> torch.Tensor:
@@ -220,41 +235,144 @@ def expanded_distance_matrix(
     if kind is None:
         points = expanded_embeddings(x, ex, normalize)
         mat = distance.compute_mat(points, points)
-    else:
-        gram = x @ x.t()
-        g = _expanded_gram(gram, ex, normalize)
-        if kind == "inner":
-            mat = g
-        else:
-            sq_norms = torch.diagonal(g)
-            sq = sq_norms[:, None] + sq_norms[None, :] - 2 * g
-            # A point's distance to itself is exactly 0, not sqrt of a rounding residue.
-            eye = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device)
-            mat = safe_sqrt(sq.masked_fill(eye, 0))
-    if distance.power != 1:
-        mat = mat**distance.power
-    return mat
+        return mat**distance.power if distance.power != 1 else mat
+    return _mat_from_gram(_expanded_gram(x @ x.t(), ex, normalize), kind, distance.power)
+
+
+def _class_slots(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[C, K] indices of each class's members (K = largest class), padded with len(classes)."""
+    m = classes.numel()
+    order = torch.sort(classes, stable=True).indices
+    counts = torch.bincount(classes, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_classes = classes[order]
+    slot = torch.arange(m, device=classes.device) - starts[sorted_classes]
+    k = int(counts.max()) if m else 0
+    out = torch.full((num_classes, max(k, 1)), m, dtype=torch.long, device=classes.device)
+    out[sorted_classes, slot] = order
+    return out
+
+
+def class_pair_argbest(
+    mat: torch.Tensor,
+    classes: torch.Tensor,
+    num_classes: int,
+    inverted: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row and column, [C, C] each, of the hardest entry of ``mat`` for every class pair.
+
+    Hardest = smallest distance, or largest similarity when ``inverted``. Members of each class
+    are laid out in padded [C, K] slots, so both reductions are dense min/max over a gathered
+    tensor: no loop, no [M, M] index arithmetic. Not differentiable (indices).
+    """
+    with torch.no_grad():
+        m = mat.shape[0]
+        slots = _class_slots(classes, num_classes)  # [C, K]
+        k = slots.shape[1]
+        pad = float("-inf") if inverted else float("inf")
+        reduce = torch.max if inverted else torch.min
+        padded = torch.cat([mat, mat.new_full((m, 1), pad)], dim=1)
+        by_col = padded[:, slots.flatten()].view(m, num_classes, k)
+        per_row, arg = reduce(by_col, dim=2)  # [M, C] best over each class's columns
+        per_row_col = slots[torch.arange(num_classes, device=mat.device)[None, :], arg]
+        per_row = torch.cat([per_row, per_row.new_full((1, num_classes), pad)], dim=0)
+        by_row = per_row[slots.flatten()].view(num_classes, k, num_classes)
+        _, arg = reduce(by_row, dim=1)  # [C, C]
+        rows = slots.gather(1, arg)
+        cols = per_row_col[rows, torch.arange(num_classes, device=mat.device)[None, :]]
+        return rows, cols
 
 
 def class_pair_hardest(
     mat: torch.Tensor,
-    row_classes: torch.Tensor,
-    col_classes: torch.Tensor,
+    classes: torch.Tensor,
     num_classes: int,
     inverted: bool,
 ) -> torch.Tensor:
-    """Hardest value of ``mat`` over all (row, col) pairs of each class pair, [C, C].
+    """Hardest value of ``mat`` over all pairs of each class pair, [C, C]; the gradient flows
+    through the selected entry."""
+    rows, cols = class_pair_argbest(mat, classes, num_classes, inverted)
+    return mat[rows, cols]
 
-    Hardest = smallest distance, or largest similarity when ``inverted``. Two scatter-reduces
-    (rows within a class, then columns), no loop; ties share the gradient evenly.
+
+def _gram_entries(gram: torch.Tensor, ex: ExpandedSet, rows: torch.Tensor, cols: torch.Tensor,
+                  normalize: bool) -> torch.Tensor:
+    """Inner products of selected expanded points (rows[k], cols[k]) from the Gram matrix."""
+    f, s = ex.first, ex.second
+    wf, ws = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
+    fr, sr, fc, sc = f[rows], s[rows], f[cols], s[cols]
+    g = (wf[rows] * wf[cols] * gram[fr, fc] + wf[rows] * ws[cols] * gram[fr, sc]
+         + ws[rows] * wf[cols] * gram[sr, fc] + ws[rows] * ws[cols] * gram[sr, sc])
+    if normalize and bool(ex.is_synthetic.any()):
+        scale = _synthetic_scale(gram, ex)
+        g = g * scale[rows] * scale[cols]
+    return g
+
+
+def _pair_values_from_gram(gram, ex, rows, cols, normalize, kind, power):
+    g = _gram_entries(gram, ex, rows, cols, normalize)
+    if kind == "euclidean":
+        sq = _gram_entries(gram, ex, rows, rows, normalize) + _gram_entries(gram, ex, cols, cols, normalize) - 2 * g
+        g = safe_sqrt(sq.masked_fill(rows == cols, 0))
+    return g**power if power != 1 else g
+
+
+def expanded_pair_values(
+    embeddings: torch.Tensor,
+    ex: ExpandedSet,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    distance,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """The distance between expanded points rows[k] and cols[k], differentiable, any shape.
+
+    Equals ``expanded_distance_matrix(...)[rows, cols]`` but, for inner-product distances,
+    costs a few gathers from the B x B Gram matrix instead of an [M, M] graph.
     """
-    reduce = "amax" if inverted else "amin"
-    fill = float("-inf") if inverted else float("inf")
-    m_rows, m_cols = mat.shape
-    per_row = torch.full((m_rows, num_classes), fill, dtype=mat.dtype, device=mat.device)
-    per_row = per_row.scatter_reduce(1, col_classes.unsqueeze(0).expand(m_rows, m_cols), mat, reduce)
-    out = torch.full((num_classes, num_classes), fill, dtype=mat.dtype, device=mat.device)
-    return out.scatter_reduce(0, row_classes.unsqueeze(1).expand(m_rows, num_classes), per_row, reduce)
+    kind = _gram_kind(distance)
+    if kind is None:
+        return expanded_distance_matrix(embeddings, ex, distance, normalize)[rows, cols]
+    x = distance.maybe_normalize(embeddings)
+    return _pair_values_from_gram(x @ x.t(), ex, rows, cols, normalize, kind, distance.power)
+
+
+class HardestPairs(NamedTuple):
+    hardest: torch.Tensor  # [C, C] differentiable
+    rows: torch.Tensor  # [C, C] expanded-set index of the first point of the hardest pair
+    cols: torch.Tensor  # [C, C] ... of the second point
+    expanded_mat: torch.Tensor  # [M, M] detached
+    originals_mat: torch.Tensor  # [B, B] the distance on the batch, differentiable
+
+
+def hardest_negative_pairs(
+    embeddings: torch.Tensor,
+    ex: ExpandedSet,
+    classes: torch.Tensor,
+    num_classes: int,
+    distance,
+    normalize: bool = True,
+) -> HardestPairs:
+    """EE's hard negative pair mining (§3.2): for every class pair, the hardest pair of points.
+
+    The search over the [M, M] expanded matrix runs without autograd; the gradient flows only
+    through the selected pairs, recomputed from the originals' Gram matrix (one B x B x d
+    product serves the search, the selected values and the batch's own distance matrix).
+    """
+    b = ex.num_originals
+    ex_classes = torch.cat([classes, classes[ex.first[b:]]])
+    kind = _gram_kind(distance)
+    if kind is None:
+        mat = expanded_distance_matrix(embeddings, ex, distance, normalize)
+        rows, cols = class_pair_argbest(mat.detach(), ex_classes, num_classes, distance.is_inverted)
+        return HardestPairs(mat[rows, cols], rows, cols, mat.detach(), mat[:b, :b])
+    x = distance.maybe_normalize(embeddings)
+    gram = x @ x.t()
+    with torch.no_grad():
+        mat = _mat_from_gram(_expanded_gram(gram.detach(), ex, normalize), kind, distance.power)
+    rows, cols = class_pair_argbest(mat, ex_classes, num_classes, distance.is_inverted)
+    hardest = _pair_values_from_gram(gram, ex, rows, cols, normalize, kind, distance.power)
+    return HardestPairs(hardest, rows, cols, mat, _mat_from_gram(gram, kind, distance.power))
 
 
 def hardened_pair_matrix(

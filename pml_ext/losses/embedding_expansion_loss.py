@@ -146,10 +146,8 @@ class _HardenedDistanceMixin:
     def forward(self, query_emb, ref_emb=None):
         x, batch = self._ee_embeddings, self._ee_batch
         if query_emb is x and (ref_emb is None or ref_emb is x):
-            # The originals' block of the expanded matrix is this distance on the batch: reuse it
-            # (it also works for dtypes cdist lacks, e.g. bfloat16).
-            b = batch.expanded.num_originals
-            mat = batch.expanded_mat[:b, :b]
+            # The batch's own matrix was computed with the hardest pairs (same Gram matrix).
+            mat = batch.originals_mat
             return F.hardened_pair_matrix(mat, batch.classes, batch.classes, batch.hardest)
         mat = super().forward(query_emb, ref_emb)
         rows = self._ee_classes_of(query_emb)

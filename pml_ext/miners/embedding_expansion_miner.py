@@ -1,7 +1,7 @@
 """The hard negative pair mining of Embedding Expansion (Ko & Gu, CVPR 2020, §3.2) as a PML miner."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 from pytorch_metric_learning.miners import BaseMiner
@@ -12,13 +12,16 @@ __all__ = ["EmbeddingExpansionMiner", "HardenedBatch"]
 
 
 class HardenedBatch(NamedTuple):
-    """What EE mining yields for one batch (tensors keep their graph)."""
+    """What EE mining yields for one batch."""
 
     classes: torch.Tensor  # [B] class index of every original, 0..C-1
     unique_labels: torch.Tensor  # [C]
-    hardest: torch.Tensor  # [C, C] hardest value between the expanded sets of two classes
+    hardest: torch.Tensor  # [C, C] hardest value between two classes' expanded sets (has grad)
+    hardest_rows: torch.Tensor  # [C, C] expanded-set index of the hardest pair's first point
+    hardest_cols: torch.Tensor  # [C, C] ... and of its second point
     expanded: F.ExpandedSet
-    expanded_mat: torch.Tensor  # [M, M] the distance over originals + synthetic points
+    expanded_mat: torch.Tensor  # [M, M] the distance over originals + synthetic points (detached)
+    originals_mat: torch.Tensor  # [B, B] the distance on the batch (has grad)
 
 
 class EmbeddingExpansionMiner(BaseMiner):
@@ -68,23 +71,22 @@ class EmbeddingExpansionMiner(BaseMiner):
         distance = self.distance if distance is None else distance
         unique, classes = F.class_indices(labels)
         ex = F.expand(labels, self.n_points, self.pairs, embeddings.dtype)
-        ex_classes = torch.cat([classes, classes[ex.first[ex.num_originals :]]])
-        mat = F.expanded_distance_matrix(embeddings, ex, distance, self.normalize)
-        hardest = F.class_pair_hardest(mat, ex_classes, ex_classes, unique.numel(), distance.is_inverted)
+        hp = F.hardest_negative_pairs(embeddings, ex, classes, unique.numel(), distance, self.normalize)
         if self.collect_stats:
-            self._record_stats(mat, classes, hardest, ex, distance.is_inverted)
-        return HardenedBatch(classes, unique, hardest, ex, mat)
+            self._record_stats(hp.expanded_mat, classes, hp.rows, hp.cols, ex, distance.is_inverted)
+        return HardenedBatch(classes, unique, hp.hardest, hp.rows, hp.cols, ex, hp.expanded_mat, hp.originals_mat)
 
     @torch.no_grad()
-    def _record_stats(self, mat, classes, hardest, ex, inverted):
-        b, c = ex.num_originals, hardest.shape[0]
+    def _record_stats(self, mat, classes, rows, cols, ex, inverted):
+        b, c = ex.num_originals, rows.shape[0]
         self.num_synthetic = int(ex.is_synthetic.sum())
         off_diag = ~torch.eye(c, dtype=torch.bool, device=mat.device)
         self.num_class_pairs = int(off_diag.sum())
         if self.num_class_pairs == 0:
             self.synthetic_selection_ratio = 0.0
             return
-        originals_only = F.class_pair_hardest(mat[:b, :b], classes, classes, c, inverted)
+        hardest = mat[rows, cols]
+        originals_only = F.class_pair_hardest(mat[:b, :b], classes, c, inverted)
         harder = hardest > originals_only if inverted else hardest < originals_only
         self.synthetic_selection_ratio = float(harder[off_diag].float().mean())
 
@@ -95,20 +97,5 @@ class EmbeddingExpansionMiner(BaseMiner):
         same = labels[:, None] == labels[None, :]
         same.fill_diagonal_(False)
         a1, p = same.nonzero(as_tuple=True)
-        a2, n = _argbest_per_class_pair(hb, self.distance.is_inverted)
-        return a1, p, a2, n
-
-
-def _argbest_per_class_pair(hb: HardenedBatch, inverted: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(row, col) in the expanded set of the hardest pair of every ordered class pair a != b."""
-    mat, ex = hb.expanded_mat, hb.expanded
-    m = mat.shape[0]
-    c = hb.hardest.shape[0]
-    ex_classes = torch.cat([hb.classes, hb.classes[ex.first[ex.num_originals :]]])
-    pair_id = ex_classes[:, None] * c + ex_classes[None, :]
-    is_best = (mat == hb.hardest.flatten()[pair_id]) & (ex_classes[:, None] != ex_classes[None, :])
-    flat = torch.arange(m * m, device=mat.device).view(m, m)
-    first_best = torch.full((c * c,), m * m, dtype=torch.long, device=mat.device)
-    first_best = first_best.scatter_reduce(0, pair_id[is_best], flat[is_best], "amin")
-    first_best = first_best[first_best < m * m]
-    return first_best // m, first_best % m
+        off_diag = ~torch.eye(hb.hardest.shape[0], dtype=torch.bool, device=labels.device)
+        return a1, p, hb.hardest_rows[off_diag], hb.hardest_cols[off_diag]
