@@ -201,3 +201,23 @@ def test_cuda_matches_cpu(name):
     cpu, _ = run_batch(name, x, y)
     gpu, _ = run_batch(name, x.cuda(), y.cuda())
     assert gpu.item() == pytest.approx(cpu.item(), rel=1e-4)
+
+
+def test_record_keeper_logs_ee_statistics(tmp_path):
+    record_keeper = pytest.importorskip("record_keeper")
+    from pytorch_metric_learning.utils import common_functions as c_f
+
+    rk = record_keeper.RecordKeeper(
+        record_writer=record_keeper.RecordWriter(str(tmp_path)),
+        attributes_to_search_for=c_f.list_of_recordable_attributes_list_names(),
+    )
+    loss = EmbeddingExpansionLoss(losses.MultiSimilarityLoss(), collect_stats=True)
+    x, y = data()
+    for it in range(2):
+        loss(x, y)
+        rk.update_records({"loss": loss}, it, recursive_types=[torch.nn.Module])
+    group = rk.get_record("loss_EmbeddingExpansionLoss")
+    assert sorted(group["synthetic_selection_ratio"]) == [0, 1]
+    assert group["num_synthetic"][1] == 48 and group["num_class_pairs"][1] == 12
+    rk.save_records()
+    assert (tmp_path / "loss_EmbeddingExpansionLoss.csv").exists()

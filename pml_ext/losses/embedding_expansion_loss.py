@@ -14,6 +14,8 @@ from ..miners.embedding_expansion_miner import EmbeddingExpansionMiner, Hardened
 
 __all__ = ["EmbeddingExpansionLoss"]
 
+_MIRRORED_STATS = ("num_synthetic", "num_class_pairs", "synthetic_selection_ratio")
+
 
 class EmbeddingExpansionLoss(ModuleWithRecords):
     """Wrap a PML loss so that it sees EE's hardest negative pairs (EE §3.2, Eqs. 3-6).
@@ -67,6 +69,9 @@ class EmbeddingExpansionLoss(ModuleWithRecords):
             raise ValueError(f"miner must be an EmbeddingExpansionMiner, got {type(miner).__name__}")
         self.loss = loss
         self.miner = miner
+        # Mirrored from the miner after each call, so that record-keeper, which does not look
+        # inside submodules, logs them from the loss object a user already passes it.
+        self.add_to_recordable_attributes(list_of_names=list(_MIRRORED_STATS), is_stat=True)
 
     @property
     def distance(self):
@@ -95,6 +100,9 @@ class EmbeddingExpansionLoss(ModuleWithRecords):
         hints = _index_hints(self.loss, indices_tuple, labels)
         proxy = _hardened_distance(distance, embeddings, hardened, hints)
         self.loss.distance = proxy
+        if self.collect_stats:
+            for name in _MIRRORED_STATS:
+                setattr(self, name, getattr(self.miner, name, 0))
         try:
             return self.loss(embeddings, labels, indices_tuple)
         finally:

@@ -1,0 +1,323 @@
+"""Training and evaluation of one table cell: (method, loss) under a config, one seed.
+
+Resumable: the state (models, optimisers, RNGs, logs) is checkpointed atomically after every
+epoch; a killed run continues from its last checkpoint and ends with the same result as an
+uninterrupted one. The result JSON is written atomically at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from pytorch_metric_learning import losses, miners, samplers
+
+from pml_ext.losses import EmbeddingExpansionLoss, HPHNTripletLoss
+
+from .models import build_model
+
+METHODS = ("plain", "ee", "hdml")
+LOSSES = ("triplet", "hphn", "npair", "lifted", "ms")
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- data
+def load_arrays(cfg: Dict[str, Any], split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, eval images, eval labels) as uint8 [N,H,W] / int arrays.
+
+    ``split="test"``: train on the train classes, evaluate on the test classes.
+    ``split="val"``: hyper-parameter tuning without the test classes: a seeded quarter of the
+    train classes is held out for evaluation and the rest is trained on.
+    """
+    data = cfg["data"]
+    if data["name"] != "fontglyphs":
+        raise ValueError(f"load_arrays handles FontGlyphs; {data['name']!r} goes through image_datasets()")
+    from pml_ext.data import load_font_glyphs
+
+    path = data.get("path")
+    tr_x, tr_y = load_font_glyphs(path=path, split="train", view=data.get("view", "font"))
+    if split == "test":
+        te_x, te_y = load_font_glyphs(path=path, split="test", view=data.get("view", "font"))
+        return tr_x, tr_y, te_x, te_y
+    if split != "val":
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    classes = np.unique(tr_y)
+    rng = np.random.RandomState(data.get("val_seed", 0))
+    val_classes = rng.choice(classes, size=max(2, len(classes) // 4), replace=False)
+    is_val = np.isin(tr_y, val_classes)
+    return tr_x[~is_val], tr_y[~is_val], tr_x[is_val], tr_y[is_val]
+
+
+def augment(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``shift`` pixels (pad + crop), one offset per image."""
+    if shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (shift,) * 4)
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- methods
+def build_loss(loss_name: str, hp: Dict[str, Any]):
+    """The base PML loss (and miner) of a table row, with the row's hyper-parameters."""
+    if loss_name == "triplet":
+        return losses.TripletMarginLoss(margin=hp.get("margin", 0.1)), None
+    if loss_name == "npair":
+        return losses.NPairsLoss(), None
+    if loss_name == "lifted":
+        return losses.LiftedStructureLoss(neg_margin=hp.get("neg_margin", 1.0)), None
+    if loss_name == "ms":
+        return (
+            losses.MultiSimilarityLoss(alpha=hp.get("alpha", 2), beta=hp.get("beta", 50), base=hp.get("base", 0.5)),
+            miners.MultiSimilarityMiner(epsilon=hp.get("epsilon", 0.1)),
+        )
+    raise ValueError(f"unknown loss {loss_name!r}; expected one of {LOSSES}")
+
+
+def build_method(method: str, loss_name: str, hp: Dict[str, Any], feature_size: int, embedding_size: int,
+                 num_classes: int):
+    """(loss module, miner or None, is_hdml)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    ee = dict(n_points=hp.get("n_points", 2), normalize=hp.get("normalize", True), pairs=hp.get("pairs", "all"))
+    if loss_name == "hphn":
+        if method == "hdml":
+            raise ValueError("HDML is defined for triplet and npair")
+        n = ee["n_points"] if method == "ee" else 0
+        return HPHNTripletLoss(margin=hp.get("margin", 0.1), n_points=n, normalize=ee["normalize"],
+                               pairs=hp.get("pairs", "adjacent"), collect_stats=True), None, False
+    base, miner = build_loss(loss_name, hp)
+    if method == "plain":
+        return base, miner, False
+    if method == "ee":
+        return EmbeddingExpansionLoss(base, collect_stats=True, **ee), miner, False
+    if loss_name not in ("triplet", "npair"):
+        raise ValueError("HDML is defined for triplet and npair")
+    from pml_ext.losses import HDMLLoss
+
+    if loss_name == "triplet" and miner is None:
+        miner = miners.TripletMarginMiner(margin=hp.get("margin", 0.1), type_of_triplets="semihard")
+    hdml = HDMLLoss(base, embedding_size=embedding_size, feature_size=feature_size, num_classes=num_classes,
+                    miner=miner, **hp.get("hdml", {}))
+    return hdml, None, True
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def embed(trunk, head, images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
+    trunk.eval()
+    head.eval()
+    out = [head(trunk(to_float(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]
+    trunk.train()
+    head.train()
+    return torch.cat(out)
+
+
+def evaluate(trunk, head, images: np.ndarray, labels: np.ndarray, recall_k=(1, 2, 4, 8)) -> Dict[str, float]:
+    """NMI, F1 (k-means with as many clusters as classes) and Recall@K on L2-normalised embeddings."""
+    from pml_ext.utils import AccuracyCalculator
+
+    emb = torch.nn.functional.normalize(embed(trunk, head, images), dim=1)
+    calc = AccuracyCalculator(include=("NMI", "F1") + tuple(f"recall_at_{k}" for k in recall_k),
+                              recall_at_k=tuple(recall_k))
+    y = torch.as_tensor(labels)
+    res = calc.get_accuracy(emb, y, ref_includes_query=True)
+    return {k: float(v) for k, v in res.items()}
+
+
+# ----------------------------------------------------------------------------- training
+def _rng_states():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_states(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_dir: str,
+               hp: Optional[Dict[str, Any]] = None, split: str = "test", progress: bool = True,
+               stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
+    """Train and evaluate one cell; resumes from ``run_dir/checkpoint.pt``; returns the result."""
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    tcfg = cfg["train"]
+    hp = dict(cfg.get("defaults", {}).get(loss_name, {}), **(hp or {}))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if "threads" in tcfg:
+        torch.set_num_threads(tcfg["threads"])
+
+    tr_x, tr_y, ev_x, ev_y = load_arrays(cfg, split)
+    classes, tr_y = np.unique(tr_y, return_inverse=True)
+    trunk, head, feature_size = build_model(cfg["model"]["name"], cfg["model"]["embedding_size"])
+    loss_fn, miner, is_hdml = build_method(method, loss_name, hp, feature_size, cfg["model"]["embedding_size"],
+                                           len(classes))
+    params = [{"params": list(trunk.parameters()) + list(head.parameters()), "lr": tcfg["lr"],
+               "weight_decay": tcfg.get("weight_decay", 0.0)}]
+    if is_hdml:
+        params += loss_fn.param_groups(**hp.get("hdml_lr", {}))
+    optimizer = torch.optim.Adam(params)
+    per_class = hp.get("per_class", tcfg["per_class"])
+    batch_size = tcfg["batch_size"]
+    sampler = samplers.MPerClassSampler(tr_y, m=per_class, batch_size=batch_size,
+                                        length_before_new_iter=tcfg["iters_per_epoch"] * batch_size)
+    images = to_float(tr_x)
+    labels = torch.as_tensor(tr_y)
+    aug_gen = torch.Generator().manual_seed(seed)
+
+    state = {"epoch": 0, "log": [], "train_seconds": 0.0}
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        trunk.load_state_dict(ck["trunk"])
+        head.load_state_dict(ck["head"])
+        loss_fn.load_state_dict(ck["loss_fn"])
+        optimizer.load_state_dict(ck["optimizer"])
+        _set_rng_states(ck["rng"])
+        aug_gen.set_state(ck["aug_rng"])
+        state = ck["state"]
+
+    record_keeper = _record_keeper(run_dir)
+    epochs = tcfg["epochs"]
+    bar = _progress(epochs * tcfg["iters_per_epoch"], state["epoch"] * tcfg["iters_per_epoch"], progress,
+                    f"{method}/{loss_name}/s{seed}")
+    while state["epoch"] < epochs:
+        t0 = time.perf_counter()
+        sums: Dict[str, float] = {}
+        order = torch.as_tensor(list(iter(sampler)))
+        for it in range(tcfg["iters_per_epoch"]):
+            idx = order[it * batch_size:(it + 1) * batch_size]
+            x = augment(images[idx], tcfg.get("shift", 0), aug_gen)
+            y = labels[idx]
+            feats = trunk(x)
+            if is_hdml:
+                loss = loss_fn(feats, y, head)
+            else:
+                emb = head(feats)
+                tuples = miner(emb, y) if miner is not None else None
+                loss = loss_fn(emb, y, tuples)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for name, value in _stats(loss_fn).items():
+                sums[name] = sums.get(name, 0.0) + value
+            if record_keeper is not None:
+                step = state["epoch"] * tcfg["iters_per_epoch"] + it
+                record_keeper.update_records({"loss_fn": loss_fn, "miner": miner} if miner else {"loss_fn": loss_fn},
+                                             step, recursive_types=[torch.nn.Module])
+            bar.update(1)
+        state["train_seconds"] += time.perf_counter() - t0
+        state["log"].append({"epoch": state["epoch"] + 1, **{k: v / tcfg["iters_per_epoch"] for k, v in sums.items()}})
+        state["epoch"] += 1
+        if record_keeper is not None:
+            record_keeper.save_records()
+        atomic_torch_save({"trunk": trunk.state_dict(), "head": head.state_dict(), "loss_fn": loss_fn.state_dict(),
+                           "optimizer": optimizer.state_dict(), "rng": _rng_states(), "aug_rng": aug_gen.get_state(),
+                           "state": state}, ckpt_path)
+        if stop_after_epoch is not None and state["epoch"] >= stop_after_epoch and state["epoch"] < epochs:
+            bar.close()
+            raise SystemExit(f"stopped after epoch {state['epoch']} as asked")
+    bar.close()
+    metrics = evaluate(trunk, head, ev_x, ev_y, tuple(cfg.get("recall_k", (1, 2, 4, 8))))
+    result = {
+        "config": cfg["name"], "method": method, "loss": loss_name, "seed": seed, "split": split,
+        "hyper_parameters": hp, "metrics": metrics, "train_seconds": state["train_seconds"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "log": state["log"], "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    atomic_write_json(result_path, result)
+    return result
+
+
+def _stats(loss_fn) -> Dict[str, float]:
+    """Recorded statistics worth a per-epoch mean (EE selection ratio, HDML terms)."""
+    out = {}
+    miner = getattr(loss_fn, "miner", None)
+    for obj in (loss_fn, miner):
+        if obj is None:
+            continue
+        for name in getattr(obj, "_record_these_stats", []):
+            v = getattr(obj, name, None)
+            if isinstance(v, (int, float)) and name in ("synthetic_selection_ratio", "J_m", "J_syn", "J_gen",
+                                                         "J_avg", "metric_weight", "pull_factor"):
+                out[name] = float(v)
+    return out
+
+
+def _record_keeper(run_dir: str):
+    try:
+        import record_keeper
+    except ImportError:  # logging is optional; results are written regardless
+        return None
+    from pytorch_metric_learning.utils import common_functions as c_f
+
+    return record_keeper.RecordKeeper(
+        record_writer=record_keeper.RecordWriter(os.path.join(run_dir, "records")),
+        attributes_to_search_for=c_f.list_of_recordable_attributes_list_names(),
+    )
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, leave=False)
