@@ -99,6 +99,79 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
 
 
+class ArraySource:
+    """In-memory grey images (FontGlyphs): batches are tensors, augmented by random shifts."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, shift: int = 0):
+        self.images = to_float(images)
+        self.labels = np.asarray(labels)
+        self.shift = shift
+
+    def batches(self, batch_indices, generator: torch.Generator, train: bool):
+        for idx in batch_indices:
+            x = self.images[torch.as_tensor(idx)]
+            yield (augment(x, self.shift, generator) if train else x), torch.as_tensor(self.labels[idx])
+
+
+class DatasetSource:
+    """A torch Dataset of (image tensor, label) (CUB/Cars/SOP/ImageFolder), read by a DataLoader."""
+
+    def __init__(self, dataset, labels: np.ndarray, workers: int = 0):
+        self.dataset = dataset
+        self.labels = np.asarray(labels)
+        self.workers = workers
+
+    def batches(self, batch_indices, generator: torch.Generator, train: bool):
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=[list(map(int, b)) for b in batch_indices],
+                                             num_workers=self.workers)
+        for x, _ in loader:
+            yield x, None
+
+
+def image_sources(cfg: Dict[str, Any], split: str):
+    """(train source, eval source) for the papers' datasets or a user's ImageFolder."""
+    from . import datasets as ds
+
+    data = cfg["data"]
+    root = data.get("root")
+    if not root:
+        raise SystemExit(f"config {cfg['name']!r} needs the dataset directory: pass --data-root")
+    classes = {"cub": ds.CUB200, "cars": ds.Cars196, "sop": ds.StanfordOnlineProducts,
+               "imagefolder": ds.ImageFolderSplit}
+    if data["name"] not in classes:
+        raise ValueError(f"unknown dataset {data['name']!r}; expected fontglyphs or one of {sorted(classes)}")
+    cls = classes[data["name"]]
+    workers = cfg["train"].get("workers", 0)
+    train = cls(root, split="train")
+    if split == "test":
+        test = cls(root, split="test", transform="paper")
+        test_eval = _with_eval_transform(test)
+        return DatasetSource(train, train.labels, workers), DatasetSource(test_eval, test.labels, workers)
+    labels = np.asarray(train.labels)
+    val_classes = np.random.RandomState(data.get("val_seed", 0)).choice(
+        np.unique(labels), size=max(2, len(np.unique(labels)) // 4), replace=False)
+    is_val = np.isin(labels, val_classes)
+    tr_idx, va_idx = np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+    val_ds = _with_eval_transform(cls(root, split="train"))
+    return (DatasetSource(torch.utils.data.Subset(train, tr_idx), labels[tr_idx], workers),
+            DatasetSource(torch.utils.data.Subset(val_ds, va_idx), labels[va_idx], workers))
+
+
+def _with_eval_transform(dataset):
+    """The papers' test transform (resize + centre crop) on a dataset built with the train one."""
+    from .datasets import paper_transforms
+
+    dataset.transform = paper_transforms(train=False)
+    return dataset
+
+
+def sources(cfg: Dict[str, Any], split: str):
+    if cfg["data"]["name"] == "fontglyphs":
+        tr_x, tr_y, ev_x, ev_y = load_arrays(cfg, split)
+        return ArraySource(tr_x, tr_y, cfg["train"].get("shift", 0)), ArraySource(ev_x, ev_y)
+    return image_sources(cfg, split)
+
+
 # ----------------------------------------------------------------------------- methods
 def build_loss(loss_name: str, hp: Dict[str, Any]):
     """The base PML loss (and miner) of a table row, with the row's hyper-parameters."""
@@ -140,30 +213,31 @@ def build_method(method: str, loss_name: str, hp: Dict[str, Any], feature_size: 
     if loss_name == "triplet" and miner is None:
         miner = miners.TripletMarginMiner(margin=hp.get("margin", 0.1), type_of_triplets="semihard")
     hdml = HDMLLoss(base, embedding_size=embedding_size, feature_size=feature_size, num_classes=num_classes,
-                    miner=miner, **hp.get("hdml", {}))
+                    miner=miner, collect_stats=True, **hp.get("hdml", {}))
     return hdml, None, True
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def embed(trunk, head, images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
+def embed(trunk, head, source, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
     trunk.eval()
     head.eval()
-    out = [head(trunk(to_float(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]
+    n = len(source.labels)
+    chunks = [np.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    out = [head(trunk(x.to(device))).cpu() for x, _ in source.batches(chunks, torch.Generator(), train=False)]
     trunk.train()
     head.train()
     return torch.cat(out)
 
 
-def evaluate(trunk, head, images: np.ndarray, labels: np.ndarray, recall_k=(1, 2, 4, 8)) -> Dict[str, float]:
+def evaluate(trunk, head, source, recall_k=(1, 2, 4, 8), device: str = "cpu") -> Dict[str, float]:
     """NMI, F1 (k-means with as many clusters as classes) and Recall@K on L2-normalised embeddings."""
     from pml_ext.utils import AccuracyCalculator
 
-    emb = torch.nn.functional.normalize(embed(trunk, head, images), dim=1)
+    emb = torch.nn.functional.normalize(embed(trunk, head, source, device=device), dim=1)
     calc = AccuracyCalculator(include=("NMI", "F1") + tuple(f"recall_at_{k}" for k in recall_k),
                               recall_at_k=tuple(recall_k))
-    y = torch.as_tensor(labels)
-    res = calc.get_accuracy(emb, y, ref_includes_query=True)
+    res = calc.get_accuracy(emb, torch.as_tensor(source.labels), ref_includes_query=True)
     return {k: float(v) for k, v in res.items()}
 
 
@@ -193,12 +267,15 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
     random.seed(seed)
     if "threads" in tcfg:
         torch.set_num_threads(tcfg["threads"])
-
-    tr_x, tr_y, ev_x, ev_y = load_arrays(cfg, split)
-    classes, tr_y = np.unique(tr_y, return_inverse=True)
-    trunk, head, feature_size = build_model(cfg["model"]["name"], cfg["model"]["embedding_size"])
-    loss_fn, miner, is_hdml = build_method(method, loss_name, hp, feature_size, cfg["model"]["embedding_size"],
+    device = tcfg.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    train_src, eval_src = sources(cfg, split)
+    classes, tr_y = np.unique(train_src.labels, return_inverse=True)
+    train_src.labels = tr_y
+    mcfg = cfg["model"]
+    trunk, head, feature_size = build_model(mcfg["name"], mcfg["embedding_size"], mcfg.get("weights"))
+    loss_fn, miner, is_hdml = build_method(method, loss_name, hp, feature_size, mcfg["embedding_size"],
                                            len(classes))
+    trunk, head, loss_fn = trunk.to(device), head.to(device), loss_fn.to(device)
     params = [{"params": list(trunk.parameters()) + list(head.parameters()), "lr": tcfg["lr"],
                "weight_decay": tcfg.get("weight_decay", 0.0)}]
     if is_hdml:
@@ -208,7 +285,6 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
     batch_size = tcfg["batch_size"]
     sampler = samplers.MPerClassSampler(tr_y, m=per_class, batch_size=batch_size,
                                         length_before_new_iter=tcfg["iters_per_epoch"] * batch_size)
-    images = to_float(tr_x)
     labels = torch.as_tensor(tr_y)
     aug_gen = torch.Generator().manual_seed(seed)
 
@@ -231,11 +307,10 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
     while state["epoch"] < epochs:
         t0 = time.perf_counter()
         sums: Dict[str, float] = {}
-        order = torch.as_tensor(list(iter(sampler)))
-        for it in range(tcfg["iters_per_epoch"]):
-            idx = order[it * batch_size:(it + 1) * batch_size]
-            x = augment(images[idx], tcfg.get("shift", 0), aug_gen)
-            y = labels[idx]
+        order = np.asarray(list(iter(sampler)))
+        batch_idx = [order[i * batch_size:(i + 1) * batch_size] for i in range(tcfg["iters_per_epoch"])]
+        for it, (x, _) in enumerate(train_src.batches(batch_idx, aug_gen, train=True)):
+            x, y = x.to(device), labels[torch.as_tensor(batch_idx[it])].to(device)
             feats = trunk(x)
             if is_hdml:
                 loss = loss_fn(feats, y, head)
@@ -266,7 +341,7 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
             bar.close()
             raise SystemExit(f"stopped after epoch {state['epoch']} as asked")
     bar.close()
-    metrics = evaluate(trunk, head, ev_x, ev_y, tuple(cfg.get("recall_k", (1, 2, 4, 8))))
+    metrics = evaluate(trunk, head, eval_src, tuple(cfg.get("recall_k", (1, 2, 4, 8))), device)
     result = {
         "config": cfg["name"], "method": method, "loss": loss_name, "seed": seed, "split": split,
         "hyper_parameters": hp, "metrics": metrics, "train_seconds": state["train_seconds"],

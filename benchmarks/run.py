@@ -35,6 +35,15 @@ def load_config(name_or_path: str) -> Dict[str, Any]:
     return cfg
 
 
+def config_from_args(args) -> Dict[str, Any]:
+    cfg = load_config(args.config)
+    if getattr(args, "data_root", None):
+        cfg["data"]["root"] = args.data_root
+    if getattr(args, "weights", None):
+        cfg["model"]["weights"] = args.weights
+    return cfg
+
+
 def hp_tag(hp: Dict[str, Any]) -> str:
     return "default" if not hp else "_".join(f"{k}={hp[k]}" for k in sorted(hp))
 
@@ -61,13 +70,16 @@ def run_one(args, cfg, method, loss, seed, hp, split) -> Dict[str, Any]:
                "--hp", json.dumps(hp)]
         if args.no_progress:
             cmd.append("--no-progress")
+        for flag, value in (("--data-root", args.data_root), ("--weights", args.weights)):
+            if value:
+                cmd += [flag, value]
         subprocess.run(cmd, check=True)
     with open(result) as f:
         return json.load(f)
 
 
 def cmd_train(args):
-    cfg = load_config(args.config)
+    cfg = config_from_args(args)
     hp = json.loads(args.hp) if args.hp else tuned_hp(args.runs, cfg, args.method, args.loss)
     out = run_dir(args.runs, cfg, args.split, args.method, args.loss, hp, args.seed)
     res = harness.train_cell(cfg, args.method, args.loss, args.seed, out, hp=hp, split=args.split,
@@ -81,7 +93,7 @@ def cells(cfg) -> List[List[str]]:
 
 
 def cmd_table(args):
-    cfg = load_config(args.config)
+    cfg = config_from_args(args)
     results = []
     for method, loss in cells(cfg):
         hp = tuned_hp(args.runs, cfg, method, loss)
@@ -95,7 +107,7 @@ def cmd_table(args):
 
 def cmd_tune(args):
     """Same grid, same budget for the base loss and its EE/HDML version; validation classes only."""
-    cfg = load_config(args.config)
+    cfg = config_from_args(args)
     grid_cfg = cfg.get("tuning", {})
     chosen = {}
     for method, loss in cells(cfg):
@@ -115,7 +127,7 @@ def cmd_tune(args):
 
 
 def cmd_report(args):
-    cfg = load_config(args.config)
+    cfg = config_from_args(args)
     results = report.collect(os.path.join(args.runs, cfg["name"], "test"))
     table = report.build_table(cfg, results)
     report.write_reports(cfg, results, table, os.path.join(args.runs, cfg["name"]))
@@ -131,6 +143,8 @@ def main(argv=None):
         p.add_argument("--config", default="quick")
         p.add_argument("--runs", default="runs", help="results folder (default ./runs)")
         p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--data-root", default=None, help="dataset directory (CUB/Cars/SOP/ImageFolder configs)")
+        p.add_argument("--weights", default=None, help="local ImageNet GoogLeNet state_dict (never downloaded)")
         if name == "train":
             p.add_argument("--method", required=True, choices=harness.METHODS)
             p.add_argument("--loss", required=True, choices=harness.LOSSES)
