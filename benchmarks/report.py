@@ -9,7 +9,8 @@ import os
 from collections import defaultdict
 from typing import Any, Dict, List, Tuple
 
-METRICS = ("NMI", "F1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8")
+def metrics_of(cfg) -> Tuple[str, ...]:
+    return ("NMI", "F1") + tuple(f"recall_at_{k}" for k in cfg.get("recall_k", (1, 2, 4, 8)))
 NAMES = {"triplet": "Triplet", "hphn": "Triplet (HPHN)", "npair": "N-pair", "lifted": "Lifted", "ms": "MS"}
 
 
@@ -63,12 +64,12 @@ def build_table(cfg: Dict[str, Any], results: List[Dict[str, Any]]) -> str:
     g = group(results)
     lines = [f"### {cfg['name']}: {cfg.get('description', '')}", "",
              "Mean ± standard error over seeds (n = seeds per cell), test classes. Percent.", "",
-             "| Method | n | NMI | F1 | R@1 | R@2 | R@4 | R@8 | train s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| Method | n | NMI | F1 | " + " | ".join(f"R@{k}" for k in cfg.get("recall_k", (1, 2, 4, 8)))
+             + " | train s | peak RSS MB |", "|---" * (len(metrics_of(cfg)) + 4) + "|"]
     for method, loss in cfg["cells"]:
         rs = g.get((method, loss), [])
         label = {"plain": "", "ee": "EE + ", "hdml": "HDML + "}[method] + NAMES[loss]
-        cols = [fmt(*mean_se([r["metrics"].get(k, float("nan")) for r in rs])) for k in METRICS]
+        cols = [fmt(*mean_se([r["metrics"].get(k, float("nan")) for r in rs])) for k in metrics_of(cfg)]
         t = fmt(*mean_se([r["train_seconds"] for r in rs]), scale=1.0)
         mem = fmt(*mean_se([r["peak_rss_mb"] for r in rs]), scale=1.0)
         lines.append(f"| {label} | {len(rs)} | " + " | ".join(cols) + f" | {t} | {mem} |")
@@ -97,8 +98,8 @@ def write_reports(cfg, results, table: str, out_dir: str) -> None:
     atomic_write_bytes(os.path.join(out_dir, "table.md"), table.encode())
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "loss", "seed", *METRICS, "train_seconds", "peak_rss_mb", "hyper_parameters"])
+    w.writerow(["method", "loss", "seed", *metrics_of(cfg), "train_seconds", "peak_rss_mb", "hyper_parameters"])
     for r in sorted(results, key=lambda r: (r["method"], r["loss"], r["seed"])):
-        w.writerow([r["method"], r["loss"], r["seed"], *[r["metrics"].get(k) for k in METRICS],
+        w.writerow([r["method"], r["loss"], r["seed"], *[r["metrics"].get(k) for k in metrics_of(cfg)],
                     r["train_seconds"], r["peak_rss_mb"], json.dumps(r["hyper_parameters"], sort_keys=True)])
     atomic_write_bytes(os.path.join(out_dir, "results.csv"), buf.getvalue().encode())
