@@ -107,6 +107,11 @@ class ArraySource:
         self.labels = np.asarray(labels)
         self.shift = shift
 
+    def subset(self, idx) -> "ArraySource":
+        out = ArraySource.__new__(ArraySource)
+        out.images, out.labels, out.shift = self.images[torch.as_tensor(idx)], self.labels[idx], self.shift
+        return out
+
     def batches(self, batch_indices, generator: torch.Generator, train: bool):
         for idx in batch_indices:
             x = self.images[torch.as_tensor(idx)]
@@ -120,6 +125,9 @@ class DatasetSource:
         self.dataset = dataset
         self.labels = np.asarray(labels)
         self.workers = workers
+
+    def subset(self, idx) -> "DatasetSource":
+        return DatasetSource(torch.utils.data.Subset(self.dataset, list(map(int, idx))), self.labels[idx], self.workers)
 
     def batches(self, batch_indices, generator: torch.Generator, train: bool):
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=[list(map(int, b)) for b in batch_indices],
@@ -276,15 +284,16 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
     loss_fn, miner, is_hdml = build_method(method, loss_name, hp, feature_size, mcfg["embedding_size"],
                                            len(classes))
     trunk, head, loss_fn = trunk.to(device), head.to(device), loss_fn.to(device)
-    params = [{"params": list(trunk.parameters()) + list(head.parameters()), "lr": tcfg["lr"],
-               "weight_decay": tcfg.get("weight_decay", 0.0)}]
-    if is_hdml:
-        params += loss_fn.param_groups(**hp.get("hdml_lr", {}))
+    metric_params = list(trunk.parameters()) + list(head.parameters())
+    if is_hdml:  # three groups, one backward: HDMLLoss routes each term to its own group
+        params = loss_fn.param_groups(metric_params, metric_lr=tcfg["lr"], **hp.get("hdml_lr", {}))
+    else:
+        params = [{"params": metric_params, "lr": tcfg["lr"]}]
+    for group in params:
+        group["weight_decay"] = tcfg.get("weight_decay", 0.0)
     optimizer = torch.optim.Adam(params)
     per_class = hp.get("per_class", tcfg["per_class"])
     batch_size = tcfg["batch_size"]
-    sampler = samplers.MPerClassSampler(tr_y, m=per_class, batch_size=batch_size,
-                                        length_before_new_iter=tcfg["iters_per_epoch"] * batch_size)
     labels = torch.as_tensor(tr_y)
     aug_gen = torch.Generator().manual_seed(seed)
 
@@ -307,6 +316,10 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
     while state["epoch"] < epochs:
         t0 = time.perf_counter()
         sums: Dict[str, float] = {}
+        # A fresh sampler per epoch: PML's sampler shuffles its own state in place, which a
+        # checkpoint would not capture; its randomness comes from the (restored) numpy RNG.
+        sampler = samplers.MPerClassSampler(tr_y, m=per_class, batch_size=batch_size,
+                                            length_before_new_iter=tcfg["iters_per_epoch"] * batch_size)
         order = np.asarray(list(iter(sampler)))
         batch_idx = [order[i * batch_size:(i + 1) * batch_size] for i in range(tcfg["iters_per_epoch"])]
         for it, (x, _) in enumerate(train_src.batches(batch_idx, aug_gen, train=True)):
@@ -362,7 +375,7 @@ def _stats(loss_fn) -> Dict[str, float]:
         for name in getattr(obj, "_record_these_stats", []):
             v = getattr(obj, name, None)
             if isinstance(v, (int, float)) and name in ("synthetic_selection_ratio", "J_m", "J_syn", "J_gen",
-                                                         "J_avg", "metric_weight", "pull_factor"):
+                                                         "J_avg", "metric_weight", "hardness_decay"):
                 out[name] = float(v)
     return out
 

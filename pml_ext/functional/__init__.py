@@ -1,5 +1,7 @@
 """Pure tensor math of pml_ext: no classes with state, no PML modules constructed here."""
 from .embedding_expansion import *  # noqa: F401,F403
 from .embedding_expansion import __all__ as _ee_all
+from .hardness_aware import *  # noqa: F401,F403
+from .hardness_aware import __all__ as _hdml_all
 
-__all__ = list(_ee_all)
+__all__ = list(_ee_all) + list(_hdml_all)

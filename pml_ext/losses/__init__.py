@@ -1,4 +1,5 @@
 from .embedding_expansion_loss import EmbeddingExpansionLoss
+from .hdml_loss import HDMLLoss
 from .hphn_triplet_loss import HPHNTripletLoss
 
-__all__ = ["EmbeddingExpansionLoss", "HPHNTripletLoss"]
+__all__ = ["EmbeddingExpansionLoss", "HDMLLoss", "HPHNTripletLoss"]

@@ -1,0 +1,644 @@
+"""Hardness-Aware Deep Metric Learning (Zheng, Chen, Lu, Zhou, CVPR 2019, arXiv 1903.05503) as a
+PML-style loss module that wraps any pytorch-metric-learning tuple loss.
+
+Semantics follow /work/shared/reference/papers.md (HDML section) and the official TensorFlow code
+(wzzheng/HDML, ``lib/HDML.py``, ``main_triplet.py``, ``main_npair.py``); no code was copied.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as tnf
+from pytorch_metric_learning.losses import NPairsLoss
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
+
+from ..functional import hardness_aware as HA
+
+__all__ = ["HDMLLoss", "RunningLossAverage", "default_hdml_generator"]
+
+
+# --------------------------------------------------------------------------------------------
+# running averages (J_avg, J_gen)
+# --------------------------------------------------------------------------------------------
+class RunningLossAverage(torch.nn.Module):
+    """Running average of a scalar loss, kept in registered buffers so it checkpoints.
+
+    ``mode="block"`` (official HDML ``data_collector``): values are collected; the average that
+    :meth:`read` returns is replaced by the mean of the collected values once ``block_size`` of
+    them have accumulated (then the collection restarts). Before the first full block it is
+    ``initial`` (official: 1e6). NaN/inf values are skipped (as the official code skips NaN).
+
+    ``mode="ema"``: bias-corrected exponential moving average with ``momentum`` (so the first
+    update returns that value exactly); ``initial`` is returned before any update.
+
+    Buffers: ``value`` (float64 scalar, what :meth:`read` returns), ``block`` (float64
+    ``[block_size]``, the current partial block; empty in ema mode), ``count`` (int64, values in
+    the current block, or total updates in ema mode), ``ema`` (float64 scalar, un-corrected EMA).
+    """
+
+    MODES = ("block", "ema")
+
+    def __init__(self, mode: str = "block", block_size: int = 64, momentum: float = 0.99, initial: float = 1e6):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"average mode must be one of {self.MODES}, got {mode!r}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        if not (0.0 <= float(momentum) < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if not (float(initial) > 0):
+            raise ValueError(f"initial average must be > 0 (it divides alpha/beta), got {initial!r}")
+        self.mode = mode
+        self.block_size = block_size
+        self.momentum = float(momentum)
+        self.register_buffer("value", torch.tensor(float(initial), dtype=torch.float64))
+        self.register_buffer("block", torch.zeros(block_size if mode == "block" else 0, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("ema", torch.tensor(0.0, dtype=torch.float64))
+
+    def read(self) -> float:
+        return float(self.value)
+
+    @torch.no_grad()
+    def update(self, v: float) -> bool:
+        """Feed one value; returns False (and changes nothing) if it is not finite."""
+        v = float(v)
+        if not math.isfinite(v):
+            return False
+        if self.mode == "block":
+            i = int(self.count)
+            self.block[i] = v
+            self.count += 1
+            if int(self.count) >= self.block_size:
+                self.value.fill_(float(self.block.mean()))
+                self.block.zero_()
+                self.count.zero_()
+        else:
+            self.count += 1
+            self.ema.mul_(self.momentum).add_((1.0 - self.momentum) * v)
+            correction = 1.0 - self.momentum ** int(self.count)
+            self.value.fill_(float(self.ema) / correction)
+        return True
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, block_size={self.block_size}, momentum={self.momentum}"
+
+
+def default_hdml_generator(embedding_size: int, feature_size: int, hidden_size: int = 512) -> torch.nn.Module:
+    """The paper's generator: embedding -> Linear(hidden) -> ReLU -> BatchNorm -> Linear(feature_size)
+    (official ``fc_block`` order: matmul + bias, ReLU, then BN)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(embedding_size, hidden_size),
+        torch.nn.ReLU(),
+        torch.nn.BatchNorm1d(hidden_size),
+        torch.nn.Linear(hidden_size, feature_size),
+    )
+
+
+def _rng_state(device: torch.device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device: torch.device):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _frozen_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with the module's parameters treated as constants (detached) and its buffers
+    cloned (so BatchNorm running statistics are not updated a second time). Gradient still flows
+    to ``x``."""
+    tensors = {n: p.detach() for n, p in module.named_parameters()}
+    tensors.update({n: b.clone() for n, b in module.named_buffers()})
+    return torch.func.functional_call(module, tensors, (x,))
+
+
+def _zero_from(tensors: Iterable[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A zero connected to every given tensor (so their grads become 0, not None)."""
+    out = like.new_zeros(())
+    for t in tensors:
+        if t.requires_grad:
+            out = out + (t * 0).sum()
+    return out
+
+
+def _check_nonneg(name, value, upper=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if value < 0 or (upper is not None and value > upper):
+        rng = f"[0, {upper}]" if upper is not None else ">= 0"
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+
+
+def _check_pos_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# the loss
+# --------------------------------------------------------------------------------------------
+class HDMLLoss(ModuleWithRecords):
+    r"""Hardness-Aware Deep Metric Learning around any PML loss (Zheng et al., CVPR 2019).
+
+    Per batch (``features`` y from the backbone, ``z = embedder(y)``):
+
+    1. tuples come from ``indices_tuple`` if given, else from ``miner(z, labels)`` if a miner is
+       set, else from the wrapped loss's default (all triplets for ``"triplet"`` mode, one
+       positive pair per class for ``"npair"`` mode);
+    2. every tuple's negative is pulled toward its anchor
+       (:func:`pml_ext.functional.hardness_aware.hardness_aware_negatives`; N-pair layout:
+       :func:`~pml_ext.functional.hardness_aware.hardness_aware_npair_negatives`), with the
+       running average ``J_avg`` of the metric loss;
+    3. with a generator (default): the generator maps the real embeddings and the pulled
+       negatives back to feature space, the SAME ``embedder`` re-embeds them, and
+       ``J_syn`` = the wrapped loss on the synthetic tuples; the generator is trained with
+       ``J_gen = J_recon + J_soft``,
+       ``J_recon = (1-λ) Σ‖G(z) - y‖²``, ``J_soft = softmax_factor·λ·CE(classifier(ỹ), labels)``;
+       the linear softmax ``classifier`` is trained with ``J_cls = CE(classifier(y), labels)``
+       on real features;
+    4. ``J_metric = w·J_m + (1-w)·J_syn`` with ``w = exp(-β / J_gen_avg)`` (J_m = wrapped loss
+       on the real batch and tuples).
+
+    Without a generator (``use_generator=False``: "hardness-aware negatives only") the pulled
+    negatives are used directly in embedding space, J_gen/J_cls do not exist, and
+    ``J_metric = (1 - s)·J_m + s·J_syn`` with ``s = synthetic_weight`` (default 0.5; our choice,
+    no official counterpart).
+
+    **Gradient routing (one backward, one optimiser with parameter groups).** ``forward`` returns
+    a tensor whose *value* is ``J_metric`` and whose gradient delivers, in one ``backward()``:
+
+    - to the backbone, the embedder and the wrapped loss's own parameters: ∂J_metric only
+      (its J_syn part reaches them through the generator, whose parameters are used as
+      constants on that path);
+    - to the generator: ∂J_gen only (computed on detached embeddings/features, with the
+      classifier's parameters used as constants in J_soft);
+    - to the classifier: ∂J_cls only (CE on detached real features).
+
+    It is ``J_metric + (J_gen - J_gen.detach()) + (J_cls - J_cls.detach())``, where the three
+    terms are built on disjoint parameter paths (the generator is evaluated twice: once with live
+    parameters on detached inputs for J_gen, once with frozen parameters on the live inputs for
+    J_syn; BN running stats are updated once; RNG state is replayed so both passes see the same
+    dropout). This is exactly what the official code's three optimisers with disjoint variable
+    lists compute. Give each group its own learning rate with :meth:`param_groups`. The
+    ``embedder`` is applied to the generator's outputs too (as in the official code), so it must
+    accept feature-shaped inputs, and BatchNorm layers inside it see the synthetic batch as well. Because
+    ``J_gen`` is ~1e4 times larger than ``J_metric`` (softmax_factor), use an optimiser that is
+    invariant to gradient scale per group (Adam, as the official code) or scale the lr.
+    :meth:`compute_terms` returns the un-routed terms for those who prefer separate optimisers
+    (``torch.autograd.backward(term, inputs=group_params)`` per group).
+
+    Args:
+        loss: a PML loss (``TripletMarginLoss``, ``NPairsLoss``, ``ContrastiveLoss``, ...) called
+            as ``loss(embeddings, labels)`` on the real batch (``loss(embeddings, labels,
+            indices_tuple)`` when tuples are given or mined) and as ``loss(synthetic_embeddings,
+            synthetic_labels, synthetic_triplets)`` for J_syn in triplet mode, so it must accept
+            PML's ``indices_tuple`` argument. Registered as a submodule, so its
+            own parameters (if any) are part of ``self.parameters()`` and get ∂J_metric.
+        embedding_size, feature_size: sizes of z and y (needed to build the default generator and
+            classifier).
+        num_classes: number of training classes (default classifier).
+        miner: optional PML miner for the tuples of both J_m and J_syn.
+        alpha: pulling factor α (official default 90). Pull strength is ``1 - exp(-α/J_avg)``;
+            choose α on the scale of your metric loss.
+        beta: β of ``exp(-β/J_gen)`` (official default 1e4). β = 0 gives w = 1, i.e. the plain
+            metric loss J_m for the metric parameters; β → ∞ gives w = 0, i.e. J_syn only.
+            Choose β on the scale of J_gen (official: J_gen ~ 1e4 at the start).
+        lambda_: λ trade-off in J_gen (official 0.5).
+        softmax_factor: scale of J_soft (official 1e4).
+        use_generator: False for the hardness-aware-negatives-only mode.
+        generator: custom generator module (maps [*, embedding_size] -> [*, feature_size]);
+            default :func:`default_hdml_generator`.
+        classifier: custom classifier (features -> logits); default ``Linear(feature_size,
+            num_classes)``.
+        generator_hidden_size: hidden width of the default generator (512).
+        tuple_mode: ``"triplet"``, ``"npair"`` or ``"auto"`` (npair iff ``loss`` is an NPairsLoss).
+            In npair mode every anchor is paired with all other positives as negatives (its own
+            positive kept) and J_syn is the N-pair cross-entropy over each anchor's own synthetic
+            candidate row, computed with ``loss.distance`` and reduced with ``loss.reducer``.
+        synthesize: ``"all"`` (official code: anchors and positives are regenerated by the
+            generator too, i.e. ỹ = G(z)) or ``"negatives"`` (only pulled negatives are
+            synthetic; anchors/positives stay real). Ignored without a generator.
+        synthetic_weight: fixed weight s of J_syn (J_metric = (1-s) J_m + s J_syn); ``None`` =
+            adaptive ``1 - exp(-β/J_gen_avg)`` with a generator, 0.5 without.
+        triplets_per_anchor: triplets synthesised when no tuples are given/mined; ``None`` = the
+            wrapped loss's ``triplets_per_anchor`` if it has one, else ``"all"``.
+        max_synthetic_tuples: optional cap T on synthetic triplets (random subset) to bound cost.
+        average: ``"block"`` (official) or ``"ema"`` for J_avg and J_gen_avg.
+        block_size: block length of the block average (official 64).
+        ema_momentum: momentum of the ema option.
+        initial_average: starting J_avg and J_gen_avg (official 1e6: no pull, w ≈ 1).
+        javg_source: what feeds J_avg: ``"weighted"`` (official: ``w·J_m``) or ``"raw"`` (J_m);
+            ``None`` = weighted with a generator, raw without.
+
+    Recordable attributes (``_record_these``, read by record-keeper): J_m, J_syn, J_metric,
+    J_gen, J_recon, J_soft, J_cls, J_avg, J_gen_avg, metric_weight (w), syn_weight (1-w or s),
+    hardness_decay (exp(-α/J_avg)), pull_strength (1 - hardness_decay), mean_pull_coefficient
+    (mean λ0 = ‖ẑ⁻ - z‖/‖z⁻ - z‖ over synthetic tuples; 1 = not pulled), fraction_pullable
+    (share of tuples with d+ < d-, the ones the augmentor moves unless exp(-α/J_avg) = 1),
+    num_synthetic_tuples, and the constants alpha, beta, lambda_, softmax_factor.
+
+    Running averages are only updated in training mode and only on batches with at least one
+    synthetic tuple (degenerate batches give a zero loss connected to the graph and leave the
+    averages untouched).
+    """
+
+    TUPLE_MODES = ("auto", "triplet", "npair")
+    SYNTHESIZE = ("all", "negatives")
+    JAVG_SOURCES = ("weighted", "raw")
+
+    def __init__(
+        self,
+        loss: torch.nn.Module,
+        embedding_size: Optional[int] = None,
+        feature_size: Optional[int] = None,
+        num_classes: Optional[int] = None,
+        miner: Optional[torch.nn.Module] = None,
+        alpha: float = 90.0,
+        beta: float = 1e4,
+        lambda_: float = 0.5,
+        softmax_factor: float = 1e4,
+        use_generator: bool = True,
+        generator: Optional[torch.nn.Module] = None,
+        classifier: Optional[torch.nn.Module] = None,
+        generator_hidden_size: int = 512,
+        tuple_mode: str = "auto",
+        synthesize: str = "all",
+        synthetic_weight: Optional[float] = None,
+        triplets_per_anchor=None,
+        max_synthetic_tuples: Optional[int] = None,
+        average: str = "block",
+        block_size: int = 64,
+        ema_momentum: float = 0.99,
+        initial_average: float = 1e6,
+        javg_source: Optional[str] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        # ---- validation
+        if not callable(loss) or not isinstance(loss, torch.nn.Module):
+            raise ValueError(f"loss must be a torch.nn.Module loss (e.g. a PML loss), got {type(loss).__name__}")
+        if miner is not None and (not callable(miner) or not isinstance(miner, torch.nn.Module)):
+            raise ValueError(f"miner must be a PML miner (torch.nn.Module) or None, got {type(miner).__name__}")
+        _check_nonneg("alpha", alpha)
+        _check_nonneg("beta", beta)
+        _check_nonneg("lambda_", lambda_, upper=1.0)
+        _check_nonneg("softmax_factor", softmax_factor)
+        if not isinstance(use_generator, bool):
+            raise ValueError(f"use_generator must be a bool, got {use_generator!r}")
+        if tuple_mode not in self.TUPLE_MODES:
+            raise ValueError(f"tuple_mode must be one of {self.TUPLE_MODES}, got {tuple_mode!r}")
+        if synthesize not in self.SYNTHESIZE:
+            raise ValueError(f"synthesize must be one of {self.SYNTHESIZE}, got {synthesize!r}")
+        if synthetic_weight is not None:
+            _check_nonneg("synthetic_weight", synthetic_weight, upper=1.0)
+        if javg_source is not None and javg_source not in self.JAVG_SOURCES:
+            raise ValueError(f"javg_source must be one of {self.JAVG_SOURCES} or None, got {javg_source!r}")
+        if max_synthetic_tuples is not None:
+            _check_pos_int("max_synthetic_tuples", max_synthetic_tuples)
+        if triplets_per_anchor is not None and triplets_per_anchor != "all":
+            _check_pos_int("triplets_per_anchor", triplets_per_anchor)
+        if tuple_mode == "auto":
+            tuple_mode = "npair" if isinstance(loss, NPairsLoss) else "triplet"
+        if tuple_mode == "npair" and not (hasattr(loss, "distance") and hasattr(loss, "reducer")):
+            raise ValueError("tuple_mode='npair' needs a PML loss with .distance and .reducer (e.g. NPairsLoss)")
+
+        if use_generator:
+            if generator is None:
+                _check_pos_int("embedding_size", embedding_size)
+                _check_pos_int("feature_size", feature_size)
+                _check_pos_int("generator_hidden_size", generator_hidden_size)
+                generator = default_hdml_generator(embedding_size, feature_size, generator_hidden_size)
+            elif not isinstance(generator, torch.nn.Module):
+                raise ValueError(f"generator must be a torch.nn.Module, got {type(generator).__name__}")
+            if classifier is None:
+                _check_pos_int("feature_size", feature_size)
+                _check_pos_int("num_classes", num_classes)
+                classifier = torch.nn.Linear(feature_size, num_classes)
+            elif not isinstance(classifier, torch.nn.Module):
+                raise ValueError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+        else:
+            if generator is not None or classifier is not None:
+                raise ValueError("use_generator=False (hardness-aware negatives only) takes no generator/classifier")
+        if num_classes is not None:
+            _check_pos_int("num_classes", num_classes)
+
+        self.loss = loss
+        self.miner = miner
+        self.generator = generator
+        self.classifier = classifier
+        self.use_generator = use_generator
+        self.num_classes = num_classes
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.lambda_ = float(lambda_)
+        self.softmax_factor = float(softmax_factor)
+        self.tuple_mode = tuple_mode
+        self.synthesize = synthesize
+        self.fixed_synthetic_weight = None if synthetic_weight is None else float(synthetic_weight)
+        if triplets_per_anchor is None:
+            triplets_per_anchor = getattr(loss, "triplets_per_anchor", "all")
+        self.triplets_per_anchor = triplets_per_anchor
+        self.max_synthetic_tuples = max_synthetic_tuples
+        self.javg_source = javg_source if javg_source is not None else ("weighted" if use_generator else "raw")
+        self.javg_tracker = RunningLossAverage(average, block_size, ema_momentum, initial_average)
+        self.jgen_tracker = RunningLossAverage(average, block_size, ema_momentum, initial_average)
+
+        self.add_to_recordable_attributes(list_of_names=["alpha", "beta", "lambda_", "softmax_factor"], is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=[
+                "J_m", "J_syn", "J_metric", "J_gen", "J_recon", "J_soft", "J_cls",
+                "J_avg", "J_gen_avg", "metric_weight", "syn_weight", "hardness_decay",
+                "pull_strength", "mean_pull_coefficient", "fraction_pullable", "num_synthetic_tuples",
+            ],
+            is_stat=False,
+        )
+        self._set_records({})
+
+    # ---------------------------------------------------------------- public helpers
+    @property
+    def J_avg_value(self) -> float:
+        return self.javg_tracker.read()
+
+    @property
+    def J_gen_avg_value(self) -> float:
+        return self.jgen_tracker.read()
+
+    def current_weights(self):
+        """(metric_weight w, syn_weight) used by the next forward."""
+        if self.fixed_synthetic_weight is not None:
+            s = self.fixed_synthetic_weight
+            return 1.0 - s, s
+        if not self.use_generator:
+            return 0.5, 0.5
+        w = float(HA.adaptive_metric_weight(self.jgen_tracker.read(), self.beta))
+        return w, 1.0 - w
+
+    def param_groups(
+        self,
+        metric_params: Iterable[torch.nn.Parameter],
+        metric_lr: float = 7e-5,
+        generator_lr: float = 1e-2,
+        classifier_lr: float = 1e-3,
+        **group_kwargs,
+    ) -> List[Dict]:
+        """Optimiser parameter groups for the one-backward scheme: ``metric_params`` (backbone +
+        embedder) plus the wrapped loss's own parameters at ``metric_lr``; generator at
+        ``generator_lr``; classifier at ``classifier_lr`` (official lrs: 7e-5, 1e-2, 1e-3)."""
+        metric, seen = [], set()
+        for p in list(metric_params) + list(self.loss.parameters()):
+            if id(p) not in seen:
+                seen.add(id(p))
+                metric.append(p)
+        groups = [dict(params=metric, lr=metric_lr, **group_kwargs)]
+        if self.use_generator:
+            groups.append(dict(params=list(self.generator.parameters()), lr=generator_lr, **group_kwargs))
+            groups.append(dict(params=list(self.classifier.parameters()), lr=classifier_lr, **group_kwargs))
+        return groups
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, features, labels, embedder: Callable, indices_tuple=None):
+        """Returns a tensor whose value is J_metric and whose backward routes ∂J_metric to the
+        backbone/embedder/loss parameters, ∂J_gen to the generator and ∂J_cls to the classifier
+        (see class docstring)."""
+        terms = self._compute(features, labels, embedder, indices_tuple, routed=True)
+        out = terms["J_metric"]
+        if self.use_generator:
+            for k in ("J_gen", "J_cls"):  # zero-valued gradient carriers (cast: J_gen may be fp32 under fp16)
+                out = out + (terms[k] - terms[k].detach()).to(out.dtype)
+        return out
+
+    def compute_terms(self, features, labels, embedder: Callable, indices_tuple=None) -> Dict[str, torch.Tensor]:
+        """Un-routed terms (the plain graph, as in the official code): dict with J_m, J_syn,
+        J_metric and, with a generator, J_recon, J_soft, J_gen, J_cls. Every term is connected to
+        every parameter it depends on; restrict each backward to its own group yourself, e.g.
+        ``torch.autograd.backward(terms["J_gen"], inputs=list(hdml.generator.parameters()))``.
+        Updates the running averages like ``forward`` (in training mode)."""
+        return self._compute(features, labels, embedder, indices_tuple, routed=False)
+
+    # ---------------------------------------------------------------- internals
+    def _set_records(self, rec):
+        w, s = self.current_weights()
+        defaults = {
+            "J_m": 0.0, "J_syn": 0.0, "J_metric": 0.0, "J_gen": 0.0, "J_recon": 0.0, "J_soft": 0.0,
+            "J_cls": 0.0, "J_avg": self.javg_tracker.read(), "J_gen_avg": self.jgen_tracker.read(),
+            "metric_weight": w, "syn_weight": s,
+            "hardness_decay": float(HA.hardness_decay(self.alpha, self.javg_tracker.read())),
+            "mean_pull_coefficient": 1.0, "fraction_pullable": 0.0, "num_synthetic_tuples": 0,
+        }
+        defaults["pull_strength"] = 1.0 - defaults["hardness_decay"]
+        defaults.update(rec)
+        for k, v in defaults.items():
+            setattr(self, k, v)
+
+    def _check_inputs(self, features, labels, embedder):
+        if not torch.is_tensor(features) or not features.is_floating_point() or features.dim() == 0:
+            raise ValueError("features must be a floating-point tensor")
+        if self.use_generator and features.dim() != 2:
+            raise ValueError(f"features must be 2-D [batch, feature_size] with a generator, got shape {tuple(features.shape)}")
+        if not torch.is_tensor(labels) or labels.dim() != 1:
+            raise ValueError("labels must be a 1-D tensor")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.shape[0] != features.shape[0]:
+            raise ValueError(f"labels ({labels.shape[0]}) and features ({features.shape[0]}) differ in batch size")
+        if features.shape[0] == 0:
+            raise ValueError("empty batch")
+        if not callable(embedder):
+            raise ValueError("embedder must be callable (the embedding head)")
+        if self.use_generator:
+            lo, hi = int(labels.min()), int(labels.max())
+            n = getattr(self.classifier, "out_features", self.num_classes)
+            if lo < 0 or (n is not None and hi >= n):
+                raise ValueError(f"labels must lie in [0, {n}) for the softmax classifier, got range [{lo}, {hi}]")
+
+    def _triplets(self, indices_tuple, labels):
+        a, p, n = lmu.convert_to_triplets(indices_tuple, labels, t_per_anchor=self.triplets_per_anchor)
+        a, p, n = a.to(labels.device).long(), p.to(labels.device).long(), n.to(labels.device).long()
+        if self.max_synthetic_tuples is not None and len(a) > self.max_synthetic_tuples:
+            keep = torch.randperm(len(a), device=labels.device)[: self.max_synthetic_tuples]
+            a, p, n = a[keep], p[keep], n[keep]
+        return a, p, n
+
+    def _npair_syn_loss(self, anchors, cands, a_idx, labels):
+        """N-pair CE where anchor i's candidates are row i of ``cands`` [N, N, D], target i."""
+        dist = self.loss.distance
+        n, _, d = cands.shape
+        # one call of the distance's own forward (normalisation, power, as the wrapped loss does),
+        # [N, N*N], then keep anchor i against its own row: sim[i, j] = mat[i, i*N + j]
+        mat = dist(anchors, cands.reshape(n * n, d))
+        rows = torch.arange(n, device=mat.device)
+        cols = rows.unsqueeze(1) * n + rows.unsqueeze(0)
+        sim = mat[rows.unsqueeze(1), cols]
+        if not dist.is_inverted:
+            sim = -sim
+        ce = tnf.cross_entropy(sim, torch.arange(n, device=sim.device), reduction="none")
+        loss_dict = {"loss": {"losses": ce, "indices": a_idx, "reduction_type": "element"}}
+        return self.loss.reducer(loss_dict, anchors, labels[a_idx])
+
+    def _generate(self, z_in, routed):
+        """Generator outputs for the gen objective (``y_gen``) and for the metric path (``y_met``)."""
+        if not routed:
+            y = self.generator(z_in)
+            return y, y
+        dev = z_in.device
+        state = _rng_state(dev)
+        y_gen = self.generator(z_in.detach())  # live params, detached input  -> J_gen only
+        after = _rng_state(dev)
+        _set_rng_state(state, dev)
+        y_met = _frozen_call(self.generator, z_in)  # frozen params, live input -> J_syn only
+        _set_rng_state(after, dev)
+        return y_gen, y_met
+
+    def _classify(self, y, routed):
+        return _frozen_call(self.classifier, y) if routed else self.classifier(y)
+
+    def _compute(self, features, labels, embedder, indices_tuple, routed):
+        self.reset_stats()
+        self._check_inputs(features, labels, embedder)
+        labels = labels.to(features.device)
+        emb = embedder(features)
+        if not torch.is_tensor(emb) or emb.dim() != 2 or emb.shape[0] != features.shape[0]:
+            raise ValueError("embedder(features) must return a [batch, embedding_size] tensor")
+        if indices_tuple is None and self.miner is not None:
+            indices_tuple = self.miner(emb, labels)
+
+        j_avg = self.javg_tracker.read()
+        w, s = self.current_weights()
+        decay = float(HA.hardness_decay(self.alpha, j_avg))
+        B = emb.shape[0]
+        zero_emb = (emb * 0).sum()
+        rec = {}
+
+        # ---------------- synthetic tuples in embedding space
+        if self.tuple_mode == "triplet":
+            a_idx, p_idx, n_idx = self._triplets(indices_tuple, labels)
+            T = len(a_idx)
+            if T > 0:
+                z_neg, coef, mask = HA.hardness_aware_negatives(
+                    emb[a_idx], emb[p_idx], emb[n_idx], self.alpha, j_avg, return_coefficients=True
+                )
+        else:
+            a_idx, p_idx = lmu.convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)
+            a_idx, p_idx = a_idx.to(labels.device).long(), p_idx.to(labels.device).long()
+            T = len(a_idx)
+            if T > 0:
+                z_neg, coef, mask = HA.hardness_aware_npair_negatives(
+                    emb[a_idx], emb[p_idx], self.alpha, j_avg, return_coefficients=True
+                )  # [N, N, D]
+                off = ~torch.eye(T, dtype=torch.bool, device=emb.device)
+                coef, mask = coef[off], mask[off]  # statistics over real negatives only
+        n_syn = T if self.tuple_mode == "triplet" else T * max(T - 1, 0)
+
+        terms: Dict[str, torch.Tensor] = {}
+        gen_params = list(self.generator.parameters()) if self.use_generator else []
+        cls_params = list(self.classifier.parameters()) if self.use_generator else []
+
+        if n_syn == 0:
+            # degenerate batch: no synthetic tuple; zero losses connected to the graph
+            j_syn = zero_emb
+            if self.use_generator:
+                terms["J_recon"] = _zero_from(gen_params, zero_emb)
+                terms["J_soft"] = _zero_from(gen_params, zero_emb)
+                terms["J_gen"] = terms["J_recon"] + terms["J_soft"]
+        else:
+            rec["mean_pull_coefficient"] = float(coef.detach().mean())
+            rec["fraction_pullable"] = float(mask.float().mean())
+            if not self.use_generator:
+                if self.tuple_mode == "triplet":
+                    syn_emb = torch.cat([emb, z_neg], 0)
+                    syn_labels = torch.cat([labels, labels[n_idx]], 0)
+                    syn_tuple = (a_idx, p_idx, B + torch.arange(T, device=emb.device))
+                    j_syn = self.loss(syn_emb, syn_labels, syn_tuple)
+                else:
+                    j_syn = self._npair_syn_loss(emb[a_idx], z_neg, a_idx, labels)
+            else:
+                y_real = features.detach() if routed else features
+                D = emb.shape[1]
+                z_neg_flat = z_neg.reshape(-1, D)
+                z_in = torch.cat([emb, z_neg_flat], 0)  # real embeddings (reconstruction) + pulled negatives
+                y_gen, y_met = self._generate(z_in, routed)
+                # --- generator objective
+                recon_gen = y_gen[:B]
+                syn_gen = y_gen[B:]
+                terms["J_recon"] = HA.hdml_reconstruction_loss(recon_gen, y_real, self.lambda_)
+                if self.tuple_mode == "triplet":
+                    neg_labels = labels[n_idx]
+                    if self.synthesize == "all":
+                        soft_in = torch.cat([recon_gen[a_idx], recon_gen[p_idx], syn_gen], 0)
+                        soft_lab = torch.cat([labels[a_idx], labels[p_idx], neg_labels], 0)
+                    else:
+                        soft_in, soft_lab = syn_gen, neg_labels
+                    terms["J_soft"] = HA.hdml_soft_loss(
+                        self._classify(soft_in, routed), soft_lab, self.lambda_, self.softmax_factor
+                    )
+                else:
+                    cand_labels = labels[p_idx].unsqueeze(0).expand(T, T).reshape(-1)
+                    j_soft = HA.hdml_soft_loss(
+                        self._classify(syn_gen, routed), cand_labels, self.lambda_, self.softmax_factor
+                    )
+                    if self.synthesize == "all":  # official genSoftmax: + CE on regenerated anchors
+                        j_soft = j_soft + HA.hdml_soft_loss(
+                            self._classify(recon_gen[a_idx], routed), labels[a_idx], self.lambda_, self.softmax_factor
+                        )
+                    terms["J_soft"] = j_soft
+                terms["J_gen"] = terms["J_recon"] + terms["J_soft"]
+                # --- metric path: re-embed with the same embedder
+                syn_emb_all = embedder(y_met)
+                recon_emb, neg_emb = syn_emb_all[:B], syn_emb_all[B:]
+                if self.tuple_mode == "triplet":
+                    base = recon_emb if self.synthesize == "all" else emb
+                    syn_emb = torch.cat([base, neg_emb], 0)
+                    syn_labels = torch.cat([labels, labels[n_idx]], 0)
+                    syn_tuple = (a_idx, p_idx, B + torch.arange(T, device=emb.device))
+                    j_syn = self.loss(syn_emb, syn_labels, syn_tuple)
+                else:
+                    cands = neg_emb.reshape(T, T, -1)
+                    if self.synthesize == "all":
+                        anchors = recon_emb[a_idx]
+                    else:
+                        anchors = emb[a_idx]
+                        eye = torch.eye(T, dtype=torch.bool, device=emb.device).unsqueeze(-1)
+                        cands = torch.where(eye, emb[p_idx].unsqueeze(0).expand_as(cands), cands)
+                    j_syn = self._npair_syn_loss(anchors, cands, a_idx, labels)
+
+        if self.use_generator:
+            cls_in = features.detach() if routed else features
+            terms["J_cls"] = tnf.cross_entropy(self.classifier(cls_in), labels)
+
+        # J_m last so the wrapped loss's recorded stats describe the real batch
+        j_m = self.loss(emb, labels) if indices_tuple is None else self.loss(emb, labels, indices_tuple)
+        j_syn = j_syn if n_syn > 0 else zero_emb
+        terms["J_m"] = j_m
+        terms["J_syn"] = j_syn
+        terms["J_metric"] = w * j_m + s * j_syn
+
+        # ---------------- running averages and records
+        jm_val = float(j_m.detach())
+        if self.training and n_syn > 0:
+            self.javg_tracker.update(w * jm_val if self.javg_source == "weighted" else jm_val)
+            if self.use_generator:
+                self.jgen_tracker.update(float(terms["J_gen"].detach()))
+        rec.update(
+            J_m=jm_val,
+            J_syn=float(j_syn.detach()),
+            J_metric=float(terms["J_metric"].detach()),
+            num_synthetic_tuples=n_syn,
+        )
+        for k in ("J_gen", "J_recon", "J_soft", "J_cls"):
+            if k in terms:
+                rec[k] = float(terms[k].detach())
+        # the weights/decay actually used in this forward (averages may have just been updated)
+        rec.update(metric_weight=w, syn_weight=s, hardness_decay=decay, pull_strength=1.0 - decay)
+        self._set_records(rec)
+        # J_avg / J_gen_avg records: values after the update (what the next forward will use)
+        self.J_avg = self.javg_tracker.read()
+        self.J_gen_avg = self.jgen_tracker.read()
+        return terms

@@ -1,0 +1,140 @@
+"""The benchmark harness: resumable runs, atomic results, tables, and the paper protocol smoke test."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import harness, report
+from benchmarks.run import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_quick(epochs=2, iters=3):
+    cfg = copy.deepcopy(load_config("quick"))
+    cfg["train"].update(epochs=epochs, iters_per_epoch=iters, batch_size=32)
+    cfg["model"]["embedding_size"] = 16
+    return cfg
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    cfg = tiny_quick()
+    full = harness.train_cell(cfg, "ee", "ms", 0, str(tmp_path / "full"), progress=False)
+    with pytest.raises(SystemExit):
+        harness.train_cell(cfg, "ee", "ms", 0, str(tmp_path / "killed"), progress=False, stop_after_epoch=1)
+    assert not (tmp_path / "killed" / "result.json").exists()
+    assert (tmp_path / "killed" / "checkpoint.pt").exists()
+    resumed = harness.train_cell(cfg, "ee", "ms", 0, str(tmp_path / "killed"), progress=False)
+    assert resumed["metrics"] == full["metrics"]
+    assert [e["loss"] for e in resumed["log"]] == [e["loss"] for e in full["log"]]
+
+
+def test_real_kill_of_a_child_process_then_resume(tmp_path):
+    """SIGKILL a training process mid-run; the checkpoint survives and the run completes."""
+    cfg = tiny_quick(epochs=3, iters=4)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "benchmarks.run", "train", "--config", str(cfg_path), "--method", "plain",
+           "--loss", "triplet", "--runs", str(tmp_path / "runs"), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    ckpt = None
+    for _ in range(600):
+        found = [os.path.join(d, "checkpoint.pt") for d, _, f in os.walk(tmp_path / "runs") if "checkpoint.pt" in f]
+        if found:
+            ckpt = found[0]
+            break
+        if proc.poll() is not None:
+            break
+        import time
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert ckpt is not None
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.load(open(os.path.join(os.path.dirname(ckpt), "result.json")))
+    assert len(result["log"]) == 3 and 0 <= result["metrics"]["recall_at_1"] <= 1
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    harness.atomic_write_json(str(target), {"a": 1})
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(RuntimeError):
+        harness.atomic_write_json(str(target), {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_every_cell_of_the_table_trains(tmp_path):
+    cfg = tiny_quick(epochs=1, iters=2)
+    results = []
+    for method, loss in cfg["cells"]:
+        r = harness.train_cell(cfg, method, loss, 0, str(tmp_path / f"{method}-{loss}"), progress=False)
+        assert set(r["metrics"]) >= {"NMI", "F1", "recall_at_1", "recall_at_8"}
+        assert all(np.isfinite(v) for v in r["metrics"].values())
+        results.append(r)
+    table = report.build_table(cfg, results)
+    assert "EE + MS" in table and "EE improves MS" in table and "HDML improves N-pair" in table
+
+
+def test_validation_split_never_touches_test_classes():
+    cfg = load_config("quick")
+    tr_x, tr_y, va_x, va_y = harness.load_arrays(cfg, "val")
+    from pml_ext.data import load_font_glyphs
+
+    all_train_x, _ = load_font_glyphs(None, "train")
+    assert len(tr_x) + len(va_x) == len(all_train_x)
+    assert not set(np.unique(tr_y)) & set(np.unique(va_y))
+
+
+def test_report_verdicts():
+    assert report.verdict(0.05, 0.01) == "holds"
+    assert report.verdict(-0.05, 0.01) == "contradicted"
+    assert report.verdict(0.01, 0.01).startswith("unclear")
+    m, se = report.mean_se([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and se == pytest.approx(0.1 / np.sqrt(3))
+
+
+def _tiny_cub(root, n_classes=4, per_class=3):
+    from PIL import Image
+
+    base = root / "CUB_200_2011"
+    (base / "images").mkdir(parents=True)
+    lines, labels = [], []
+    i = 0
+    rng = np.random.RandomState(0)
+    for c in list(range(1, n_classes // 2 + 1)) + list(range(101, 101 + n_classes // 2)):
+        d = base / "images" / f"{c:03d}.bird"
+        d.mkdir()
+        for k in range(per_class):
+            i += 1
+            Image.fromarray(rng.randint(0, 255, (40, 50, 3), dtype=np.uint8)).save(d / f"{k}.jpg")
+            lines.append(f"{i} {c:03d}.bird/{k}.jpg")
+            labels.append(f"{i} {c}")
+    (base / "images.txt").write_text("\n".join(lines) + "\n")
+    (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    return root
+
+
+def test_paper_protocol_smoke_on_tiny_cub(tmp_path):
+    """GoogLeNet + CUB layout end to end (2 iterations, no weights): the GPU protocol's code path."""
+    root = _tiny_cub(tmp_path / "cub")
+    cfg = copy.deepcopy(load_config("cub_paper"))
+    cfg["data"]["root"] = str(root)
+    cfg["train"].update(epochs=1, iters_per_epoch=2, batch_size=4, per_class=2, workers=0)
+    torch.manual_seed(0)
+    r = harness.train_cell(cfg, "ee", "hphn", 0, str(tmp_path / "run"), progress=False)
+    assert 0 <= r["metrics"]["recall_at_1"] <= 1
+    with pytest.raises(SystemExit, match="--data-root"):
+        cfg2 = copy.deepcopy(load_config("cub_paper"))
+        harness.train_cell(cfg2, "plain", "ms", 0, str(tmp_path / "run2"), progress=False)
