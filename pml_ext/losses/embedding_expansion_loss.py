@@ -7,7 +7,6 @@ from typing import Dict, Optional, Tuple
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, NPairsLoss
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
-from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
 from .. import functional as F
 from ..miners.embedding_expansion_miner import EmbeddingExpansionMiner, HardenedBatch
@@ -17,7 +16,7 @@ __all__ = ["EmbeddingExpansionLoss"]
 _MIRRORED_STATS = ("num_synthetic", "num_class_pairs", "synthetic_selection_ratio")
 
 
-class EmbeddingExpansionLoss(ModuleWithRecords):
+class EmbeddingExpansionLoss(BaseMetricLossFunction):
     """Wrap a PML loss so that it sees EE's hardest negative pairs (EE §3.2, Eqs. 3-6).
 
     The wrapped loss runs on the original batch with its own distance, reducer and (if given)
@@ -52,7 +51,6 @@ class EmbeddingExpansionLoss(ModuleWithRecords):
         miner: Optional[EmbeddingExpansionMiner] = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
         if not isinstance(loss, torch.nn.Module) or not hasattr(loss, "distance"):
             raise ValueError(
                 "loss must be a PML loss with a distance (a BaseMetricLossFunction), "
@@ -60,6 +58,12 @@ class EmbeddingExpansionLoss(ModuleWithRecords):
             )
         if isinstance(loss, EmbeddingExpansionLoss):
             raise ValueError("loss is already an EmbeddingExpansionLoss")
+        for arg in ("distance", "reducer", "embedding_regularizer"):
+            if arg in kwargs:
+                raise ValueError(f"give {arg} to the wrapped loss; EmbeddingExpansionLoss uses the loss's own")
+        # A BaseMetricLossFunction (so PML's DistributedLossWrapper accepts it) whose distance and
+        # reducer are the wrapped loss's own objects.
+        super().__init__(distance=loss.distance, reducer=getattr(loss, "reducer", None), **kwargs)
         if miner is None:
             miner = EmbeddingExpansionMiner(
                 n_points=n_points, normalize=normalize, pairs=pairs, distance=loss.distance,
@@ -72,14 +76,6 @@ class EmbeddingExpansionLoss(ModuleWithRecords):
         # Mirrored from the miner after each call, so that record-keeper, which does not look
         # inside submodules, logs them from the loss object a user already passes it.
         self.add_to_recordable_attributes(list_of_names=list(_MIRRORED_STATS), is_stat=True)
-
-    @property
-    def distance(self):
-        return self.loss.distance
-
-    @property
-    def reducer(self):
-        return getattr(self.loss, "reducer", None)
 
     def forward(
         self,
