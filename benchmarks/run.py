@@ -113,6 +113,9 @@ def cmd_tune(args):
     for method, loss in cells(cfg):
         grid = grid_cfg.get(loss, {})
         keys = sorted(grid)
+        if not keys:  # nothing to choose: the defaults, without spending runs
+            chosen[f"{method}-{loss}"] = {}
+            continue
         best = None
         for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
             hp = dict(zip(keys, values))
