@@ -6,6 +6,19 @@ import math
 
 import torch
 
+# The nine PML losses the issue names, each with a loop reference in loss_from_matrix.
+WRAPPED_LOSSES = [
+    "TripletMarginLoss",
+    "ContrastiveLoss",
+    "LiftedStructureLoss",
+    "GeneralizedLiftedStructureLoss",
+    "NPairsLoss",
+    "MultiSimilarityLoss",
+    "CircleLoss",
+    "NTXentLoss",
+    "SupConLoss",
+]
+
 
 def normalize_rows(x):
     return [v / v.norm() for v in x]

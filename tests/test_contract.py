@@ -6,17 +6,9 @@ from pytorch_metric_learning import distances, losses, reducers
 from pml_ext.losses import EmbeddingExpansionLoss, HPHNTripletLoss
 from pml_ext.miners import EmbeddingExpansionMiner
 
-WRAPPED = [
-    "TripletMarginLoss",
-    "ContrastiveLoss",
-    "LiftedStructureLoss",
-    "GeneralizedLiftedStructureLoss",
-    "NPairsLoss",
-    "MultiSimilarityLoss",
-    "CircleLoss",
-    "NTXentLoss",
-    "SupConLoss",
-]
+from . import ee_reference as ref
+
+WRAPPED = ref.WRAPPED_LOSSES
 
 
 def make(name, **kw):

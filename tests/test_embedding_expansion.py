@@ -9,17 +9,7 @@ from pml_ext.miners import EmbeddingExpansionMiner
 
 from . import ee_reference as ref
 
-LOSS_NAMES = [
-    "TripletMarginLoss",
-    "ContrastiveLoss",
-    "LiftedStructureLoss",
-    "GeneralizedLiftedStructureLoss",
-    "NPairsLoss",
-    "MultiSimilarityLoss",
-    "CircleLoss",
-    "NTXentLoss",
-    "SupConLoss",
-]
+LOSS_NAMES = ref.WRAPPED_LOSSES
 
 DISTANCES = {
     "l2": lambda: distances.LpDistance(),
