@@ -475,3 +475,48 @@ def test_custom_kmeans_func_and_label_comparison() -> None:
     ref = brute_recall(x.numpy(), y.numpy() % 3, x.numpy(), y.numpy() % 3, True, ks)
     for K in ks:
         assert res[f"recall_at_{K}"] == pytest.approx(ref[K]["ordered"], abs=1e-12)
+
+
+# --------------------------------------------------------------------------- misc
+def test_calculate_method_callable_directly() -> None:
+    # the calculate_recall_at_K attributes also work outside get_accuracy
+    calc = AccuracyCalculator(recall_at_k=(1, 2), device=CPU)
+    query_labels = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0])
+    knn_labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 2.0], [0.0, 1.0]])
+    not_lone = torch.tensor([True, True, True, True, False])
+    label_counts = (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([2, 2, 1]))
+    kwargs = dict(knn_labels=knn_labels, query_labels=query_labels, not_lone_query_mask=not_lone, label_counts=label_counts)
+    assert calc.calculate_recall_at_1(**kwargs) == pytest.approx(2 / 4)
+    assert calc.calculate_recall_at_2(**kwargs) == pytest.approx(3 / 4)
+
+
+def test_mean_reciprocal_rank_alone_copy_and_pickle() -> None:
+    import copy
+    import pickle
+
+    x, y = clustered(80, 6, 4, 9)
+    calc = AccuracyCalculator(include=("mean_reciprocal_rank", "recall_at_1"), k=79, device=CPU)
+    res = calc.get_accuracy(x, y)
+    pml = PMLAccuracyCalculator(include=("mean_reciprocal_rank", "precision_at_1"), device=CPU).get_accuracy(x, y)
+    assert res["mean_reciprocal_rank"] == pytest.approx(pml["mean_reciprocal_rank"])
+    # PML 2.9 forgets mean_reciprocal_rank in requires_knn; ours computes it alone
+    alone = AccuracyCalculator(include=("mean_reciprocal_rank",), k=79, device=CPU).get_accuracy(x, y)
+    assert alone["mean_reciprocal_rank"] == pytest.approx(pml["mean_reciprocal_rank"])
+    for clone in (copy.deepcopy(calc), pickle.loads(pickle.dumps(calc))):
+        assert clone.calculate_recall_at_1.func.__self__ is clone
+        assert clone.get_accuracy(x, y) == res
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fast_label_counts_match_pml(seed: int) -> None:
+    from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
+
+    from pml_ext.utils.accuracy_calculator import _label_match_counts
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-3, 20, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).float()
+    r = torch.randint(0, 15, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).float()
+    for ref in (r, q):
+        expected = pml_ac.get_label_match_counts(q, ref, pml_ac.EQUALITY)
+        got = _label_match_counts(q, ref, pml_ac.EQUALITY)
+        assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
