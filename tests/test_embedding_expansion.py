@@ -152,8 +152,9 @@ def test_miner_returns_hardest_pairs_in_expanded_set_and_selection_ratio():
     c = len(hb.unique_labels)
     assert len(a2) == c * (c - 1)
     ex_labels = hb.expanded.labels
-    mat = hb.expanded_mat
+    mat = F.expanded_distance_matrix(x, hb.expanded, miner.distance, True)
     assert (ex_labels[a2] != ex_labels[n]).all()
+    # the hardest pair's value is the smallest distance between the two classes' expanded sets
     assert torch.allclose(mat[a2, n], hb.hardest[hb.classes.new_tensor(
         [int((hb.unique_labels == v).nonzero()) for v in ex_labels[a2]]),
         hb.classes.new_tensor([int((hb.unique_labels == v).nonzero()) for v in ex_labels[n]])])
@@ -235,3 +236,21 @@ def test_loss_keeps_its_distance_and_reducer_after_call():
     assert base.distance is dist and base.reducer is red and type(base.distance) is distances.LpDistance
     # the plain loss still gives plain values afterwards
     assert base(x, y).item() == pytest.approx(losses.TripletMarginLoss()(x, y).item())
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_search_on_inner_products_selects_the_smallest_distance(balanced):
+    """The unit-sphere shortcut (search on inner products) picks the same pairs as distances."""
+    classes = (0, 0, 1, 1, 2, 2, 3, 3) if balanced else (0, 0, 0, 1, 1, 2, 2, 2, 2, 3)
+    x, y = batch(seed=15, classes=classes, dim=7)
+    uniq, cls = F.class_indices(y)
+    ex = F.expand(y, 3, "all", x.dtype)
+    ex_cls = torch.cat([cls, cls[ex.first[len(y):]]])
+    dist = distances.LpDistance()
+    hp = F.hardest_negative_pairs(x, ex, cls, len(uniq), dist, True)
+    assert hp.search_inverted  # the shortcut was taken
+    full = F.expanded_distance_matrix(x, ex, dist, True)
+    for a in range(len(uniq)):
+        for b in range(len(uniq)):
+            block = full[ex_cls == a][:, ex_cls == b]
+            assert hp.hardest[a, b].item() == pytest.approx(block.min().item(), abs=1e-9)

@@ -143,30 +143,30 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(x))
 
 
+def _point_weights(gram: torch.Tensor, ex: ExpandedSet, normalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weights of each expanded point's two endpoints, with EE Eq. 2's 1/‖x̄‖ folded in."""
+    f, s = ex.first, ex.second
+    wf, ws = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
+    if normalize and bool(ex.is_synthetic.any()):
+        sq_norm = wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
+        norm = safe_sqrt(sq_norm)
+        # A zero-norm midpoint (antipodal endpoints) stays at the origin rather than becoming NaN.
+        inv = torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(norm))
+        scale = torch.where(ex.is_synthetic, inv, torch.ones_like(inv))
+        wf, ws = wf * scale, ws * scale
+    return wf, ws
+
+
 def _expanded_gram(gram: torch.Tensor, ex: ExpandedSet, normalize: bool) -> torch.Tensor:
     """Inner products over the expanded set from the originals' Gram matrix: W G Wᵀ.
 
     W has two non-zeros per row, so W G is two row gathers and (W G) Wᵀ two column gathers
     (index_select, whose backward is a vectorised index_add).
     """
-    f, s, wf, ws = ex.first, ex.second, ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
-    wg = wf[:, None] * gram.index_select(0, f) + ws[:, None] * gram.index_select(0, s)
-    g = wg.index_select(1, f) * wf[None, :] + wg.index_select(1, s) * ws[None, :]
-    if normalize and bool(ex.is_synthetic.any()):
-        scale = _synthetic_scale(gram, ex)
-        g = g * scale[:, None] * scale[None, :]
-    return g
-
-
-def _synthetic_scale(gram: torch.Tensor, ex: ExpandedSet) -> torch.Tensor:
-    """1/‖x̄‖ for synthetic points (1 for originals): the L2 normalisation of EE Eq. 2."""
     f, s = ex.first, ex.second
-    wf, ws = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
-    sq_norm = wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
-    norm = safe_sqrt(sq_norm)
-    # A zero-norm midpoint (antipodal endpoints) stays at the origin rather than becoming NaN.
-    inv = torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(norm))
-    return torch.where(ex.is_synthetic, inv, torch.ones_like(inv))
+    wf, ws = _point_weights(gram, ex, normalize)
+    wg = wf[:, None] * gram.index_select(0, f) + ws[:, None] * gram.index_select(0, s)
+    return wg.index_select(1, f) * wf[None, :] + wg.index_select(1, s) * ws[None, :]
 
 
 def expanded_embeddings(x: torch.Tensor, ex: ExpandedSet, normalize: bool) -> torch.Tensor:
@@ -210,13 +210,13 @@ def _gram_kind(distance) -> Optional[str]:
 
 
 def _mat_from_gram(g: torch.Tensor, kind: str, power) -> torch.Tensor:
-    """A PML distance matrix from inner products of the same point set."""
+    """A PML distance matrix from inner products of the same point set.
+
+    The diagonal is exactly 0 for Euclidean: n_i + n_i − 2·g_ii cancels exactly in floating point.
+    """
     if kind == "euclidean":
         sq_norms = torch.diagonal(g)
-        sq = sq_norms[:, None] + sq_norms[None, :] - 2 * g
-        # A point's distance to itself is exactly 0, not sqrt of a rounding residue.
-        eye = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device)
-        g = safe_sqrt(sq.masked_fill(eye, 0))
+        g = safe_sqrt(sq_norms[:, None] + sq_norms[None, :] - 2 * g)
     return g**power if power != 1 else g
 
 
@@ -253,6 +253,26 @@ def _class_slots(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     return out
 
 
+def _best_in_slots(search: torch.Tensor, slots: torch.Tensor, m: int, inverted: bool
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) [C, C] of the best entry per class pair of a slot-ordered [C·K, C·K] matrix.
+
+    ``search`` rows and columns follow ``slots.flatten()``; padding slots (index m) are ignored.
+    """
+    c, k = slots.shape
+    valid = slots.flatten() < m
+    if not bool(valid.all()):
+        pad = float("-inf") if inverted else float("inf")
+        search = search.masked_fill(~(valid[:, None] & valid[None, :]), pad)
+    reduce = torch.max if inverted else torch.min
+    per_row, col_slot = reduce(search.view(c, k, c, k), dim=3)  # [C, K, C]
+    _, row_slot = reduce(per_row, dim=1)  # [C, C]
+    col_slot = col_slot.gather(1, row_slot[:, None, :]).squeeze(1)  # [C, C]
+    rows = slots.gather(1, row_slot)
+    cols = slots.gather(1, col_slot.t()).t()
+    return rows, cols
+
+
 def class_pair_argbest(
     mat: torch.Tensor,
     classes: torch.Tensor,
@@ -262,25 +282,14 @@ def class_pair_argbest(
     """Row and column, [C, C] each, of the hardest entry of ``mat`` for every class pair.
 
     Hardest = smallest distance, or largest similarity when ``inverted``. Members of each class
-    are laid out in padded [C, K] slots, so both reductions are dense min/max over a gathered
-    tensor: no loop, no [M, M] index arithmetic. Not differentiable (indices).
+    are laid out in padded [C, K] slots, so the search is one dense min/max over a
+    [C, K, C, K] view: no loop, no [M, M] index arithmetic. Not differentiable (indices).
     """
     with torch.no_grad():
         m = mat.shape[0]
-        slots = _class_slots(classes, num_classes)  # [C, K]
-        k = slots.shape[1]
-        pad = float("-inf") if inverted else float("inf")
-        reduce = torch.max if inverted else torch.min
-        padded = torch.cat([mat, mat.new_full((m, 1), pad)], dim=1)
-        by_col = padded[:, slots.flatten()].view(m, num_classes, k)
-        per_row, arg = reduce(by_col, dim=2)  # [M, C] best over each class's columns
-        per_row_col = slots[torch.arange(num_classes, device=mat.device)[None, :], arg]
-        per_row = torch.cat([per_row, per_row.new_full((1, num_classes), pad)], dim=0)
-        by_row = per_row[slots.flatten()].view(num_classes, k, num_classes)
-        _, arg = reduce(by_row, dim=1)  # [C, C]
-        rows = slots.gather(1, arg)
-        cols = per_row_col[rows, torch.arange(num_classes, device=mat.device)[None, :]]
-        return rows, cols
+        slots = _class_slots(classes, num_classes)
+        idx = slots.flatten().clamp(max=m - 1)
+        return _best_in_slots(mat.index_select(0, idx).index_select(1, idx), slots, m, inverted)
 
 
 def class_pair_hardest(
@@ -295,25 +304,16 @@ def class_pair_hardest(
     return mat[rows, cols]
 
 
-def _gram_entries(gram: torch.Tensor, ex: ExpandedSet, rows: torch.Tensor, cols: torch.Tensor,
-                  normalize: bool) -> torch.Tensor:
-    """Inner products of selected expanded points (rows[k], cols[k]) from the Gram matrix."""
+def _pair_values_from_gram(gram, ex, rows, cols, normalize, kind, power):
+    """Distances of selected expanded-point pairs (rows[k], cols[k]), a few gathers each."""
     f, s = ex.first, ex.second
-    wf, ws = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
+    wf, ws = _point_weights(gram, ex, normalize)
     fr, sr, fc, sc = f[rows], s[rows], f[cols], s[cols]
     g = (wf[rows] * wf[cols] * gram[fr, fc] + wf[rows] * ws[cols] * gram[fr, sc]
          + ws[rows] * wf[cols] * gram[sr, fc] + ws[rows] * ws[cols] * gram[sr, sc])
-    if normalize and bool(ex.is_synthetic.any()):
-        scale = _synthetic_scale(gram, ex)
-        g = g * scale[rows] * scale[cols]
-    return g
-
-
-def _pair_values_from_gram(gram, ex, rows, cols, normalize, kind, power):
-    g = _gram_entries(gram, ex, rows, cols, normalize)
     if kind == "euclidean":
-        sq = _gram_entries(gram, ex, rows, rows, normalize) + _gram_entries(gram, ex, cols, cols, normalize) - 2 * g
-        g = safe_sqrt(sq.masked_fill(rows == cols, 0))
+        sq_norms = wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
+        g = safe_sqrt((sq_norms[rows] + sq_norms[cols] - 2 * g).masked_fill(rows == cols, 0))
     return g**power if power != 1 else g
 
 
@@ -341,8 +341,30 @@ class HardestPairs(NamedTuple):
     hardest: torch.Tensor  # [C, C] differentiable
     rows: torch.Tensor  # [C, C] expanded-set index of the first point of the hardest pair
     cols: torch.Tensor  # [C, C] ... of the second point
-    expanded_mat: torch.Tensor  # [M, M] detached
+    search_mat: torch.Tensor  # [C·K, C·K] detached, slot order: the distance or a monotone stand-in
+    search_inverted: bool  # True when larger values of search_mat are harder
+    slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
     originals_mat: torch.Tensor  # [B, B] the distance on the batch, differentiable
+
+
+def _slot_ordered_gram(gram: torch.Tensor, ex: ExpandedSet, normalize: bool, slots: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inner products and squared norms of the expanded set in class-slot order: W G Wᵀ with W
+    [C·K, B] (two non-zeros per row; zero rows for padding) as two row gathers and one matmul."""
+    m = ex.labels.numel()
+    flat = slots.flatten()
+    valid = flat < m
+    idx = flat.clamp(max=m - 1)
+    wf, ws = _point_weights(gram, ex, normalize)
+    wf, ws = wf[idx] * valid, ws[idx] * valid
+    f, s = ex.first[idx], ex.second[idx]
+    wg = wf[:, None] * gram.index_select(0, f) + ws[:, None] * gram.index_select(0, s)  # [CK, B]
+    w_t = gram.new_zeros(gram.shape[0], flat.numel())
+    cols = torch.arange(flat.numel(), device=gram.device)
+    w_t.index_put_((f, cols), wf, accumulate=True)
+    w_t.index_put_((s, cols), ws, accumulate=True)
+    sq_norms = wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
+    return wg @ w_t, sq_norms
 
 
 def hardest_negative_pairs(
@@ -355,24 +377,43 @@ def hardest_negative_pairs(
 ) -> HardestPairs:
     """EE's hard negative pair mining (§3.2): for every class pair, the hardest pair of points.
 
-    The search over the [M, M] expanded matrix runs without autograd; the gradient flows only
-    through the selected pairs, recomputed from the originals' Gram matrix (one B x B x d
-    product serves the search, the selected values and the batch's own distance matrix).
+    The search runs without autograd over the expanded set laid out in class slots ([C, K],
+    K = largest class): its inner products are one [C·K, B] x [B, C·K] product from the
+    originals' Gram matrix, and the per-class-pair best is one min/max over a [C, K, C, K]
+    view. The gradient flows only through the selected pairs, recomputed from the Gram matrix
+    (one B x B x d product serves the search, the selected values and the batch's own distance
+    matrix). When every point is on the unit sphere (L2-normalising Lp distance,
+    ``normalize=True``), the Euclidean distance decreases with the inner product, so the search
+    runs on the inner products themselves (``search_inverted=True``) without square roots.
     """
     b = ex.num_originals
     ex_classes = torch.cat([classes, classes[ex.first[b:]]])
+    slots = _class_slots(ex_classes, num_classes)
     kind = _gram_kind(distance)
     if kind is None:
         mat = expanded_distance_matrix(embeddings, ex, distance, normalize)
-        rows, cols = class_pair_argbest(mat.detach(), ex_classes, num_classes, distance.is_inverted)
-        return HardestPairs(mat[rows, cols], rows, cols, mat.detach(), mat[:b, :b])
+        m = mat.shape[0]
+        idx = slots.flatten().clamp(max=m - 1)
+        search = mat.detach().index_select(0, idx).index_select(1, idx)
+        rows, cols = _best_in_slots(search, slots, m, distance.is_inverted)
+        return HardestPairs(mat[rows, cols], rows, cols, search, distance.is_inverted, slots, mat[:b, :b])
     x = distance.maybe_normalize(embeddings)
     gram = x @ x.t()
     with torch.no_grad():
-        mat = _mat_from_gram(_expanded_gram(gram.detach(), ex, normalize), kind, distance.power)
-    rows, cols = class_pair_argbest(mat, ex_classes, num_classes, distance.is_inverted)
+        g, sq_norms = _slot_ordered_gram(gram.detach(), ex, normalize, slots)
+        real = slots.flatten() < ex.labels.numel()
+        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings
+                     and distance.power > 0 and bool((sq_norms[real] > 0.5).all()))
+        if on_sphere:
+            search, inverted = g, True
+        else:
+            if kind == "euclidean":
+                g = safe_sqrt(sq_norms[:, None] + sq_norms[None, :] - 2 * g)
+            search = g**distance.power if distance.power != 1 else g
+            inverted = distance.is_inverted
+    rows, cols = _best_in_slots(search, slots, ex.labels.numel(), inverted)
     hardest = _pair_values_from_gram(gram, ex, rows, cols, normalize, kind, distance.power)
-    return HardestPairs(hardest, rows, cols, mat, _mat_from_gram(gram, kind, distance.power))
+    return HardestPairs(hardest, rows, cols, search, inverted, slots, _mat_from_gram(gram, kind, distance.power))
 
 
 def hardened_pair_matrix(

@@ -20,7 +20,9 @@ class HardenedBatch(NamedTuple):
     hardest_rows: torch.Tensor  # [C, C] expanded-set index of the hardest pair's first point
     hardest_cols: torch.Tensor  # [C, C] ... and of its second point
     expanded: F.ExpandedSet
-    expanded_mat: torch.Tensor  # [M, M] the distance over originals + synthetic points (detached)
+    search_mat: torch.Tensor  # [C·K, C·K] detached, class-slot order (see hardest_negative_pairs)
+    search_inverted: bool  # larger search_mat values are harder
+    slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
     originals_mat: torch.Tensor  # [B, B] the distance on the batch (has grad)
 
 
@@ -73,21 +75,32 @@ class EmbeddingExpansionMiner(BaseMiner):
         ex = F.expand(labels, self.n_points, self.pairs, embeddings.dtype)
         hp = F.hardest_negative_pairs(embeddings, ex, classes, unique.numel(), distance, self.normalize)
         if self.collect_stats:
-            self._record_stats(hp.expanded_mat, classes, hp.rows, hp.cols, ex, distance.is_inverted)
-        return HardenedBatch(classes, unique, hp.hardest, hp.rows, hp.cols, ex, hp.expanded_mat, hp.originals_mat)
+            self._record_stats(hp, ex)
+        return HardenedBatch(classes, unique, hp.hardest, hp.rows, hp.cols, ex, hp.search_mat,
+                             hp.search_inverted, hp.slots, hp.originals_mat)
 
     @torch.no_grad()
-    def _record_stats(self, mat, classes, rows, cols, ex, inverted):
-        b, c = ex.num_originals, rows.shape[0]
+    def _record_stats(self, hp: F.HardestPairs, ex: F.ExpandedSet):
+        c, k = hp.slots.shape
+        m = ex.labels.numel()
         self.num_synthetic = int(ex.is_synthetic.sum())
-        off_diag = ~torch.eye(c, dtype=torch.bool, device=mat.device)
+        off_diag = ~torch.eye(c, dtype=torch.bool, device=hp.slots.device)
         self.num_class_pairs = int(off_diag.sum())
         if self.num_class_pairs == 0:
             self.synthetic_selection_ratio = 0.0
             return
-        hardest = mat[rows, cols]
-        originals_only = F.class_pair_hardest(mat[:b, :b], classes, c, inverted)
-        harder = hardest > originals_only if inverted else hardest < originals_only
+        # Hardest value per class pair over all points vs over originals only, both from the
+        # slot-ordered search matrix (padding slots are index m).
+        worst = float("-inf") if hp.search_inverted else float("inf")
+        reduce = torch.amax if hp.search_inverted else torch.amin
+        flat = hp.slots.flatten()
+
+        def class_pair_best(keep):
+            masked = hp.search_mat.masked_fill(~(keep[:, None] & keep[None, :]), worst)
+            return reduce(reduce(masked.view(c, k, c, k), dim=3), dim=1)
+
+        best, originals_only = class_pair_best(flat < m), class_pair_best(flat < ex.num_originals)
+        harder = best > originals_only if hp.search_inverted else best < originals_only
         self.synthetic_selection_ratio = float(harder[off_diag].float().mean())
 
     def mine(self, embeddings, labels, ref_emb, ref_labels) -> Tuple[torch.Tensor, ...]:
