@@ -254,3 +254,30 @@ def test_search_on_inner_products_selects_the_smallest_distance(balanced):
         for b in range(len(uniq)):
             block = full[ex_cls == a][:, ex_cls == b]
             assert hp.hardest[a, b].item() == pytest.approx(block.min().item(), abs=1e-9)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: losses.TripletMarginLoss(margin=0.2),
+    lambda: losses.TripletMarginLoss(margin=0.2, smooth_loss=True),
+    lambda: losses.TripletMarginLoss(margin=0.2, distance=distances.CosineSimilarity()),
+    lambda: losses.TripletMarginLoss(margin=0.2, reducer=reducers.MeanReducer()),
+    lambda: losses.LiftedStructureLoss(neg_margin=0.8, pos_margin=0.1),
+    lambda: losses.LiftedStructureLoss(distance=distances.CosineSimilarity()),
+    lambda: losses.LiftedStructureLoss(reducer=reducers.SumReducer()),
+])
+@pytest.mark.parametrize("classes", [(0, 0, 1, 1, 1, 2, 2, 0, 3, 3, 3, 3), (0, 0, 1, 2), (0, 0, 0, 0)])
+def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes):
+    """The dense Triplet / Lifted paths give exactly what PML computes through its index lists."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    x, y = batch(seed=16, classes=classes)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    base = make()
+    dense = EmbeddingExpansionLoss(base)(x1, y)
+    all_tuples = (lmu.get_all_triplets_indices(y) if isinstance(base, losses.TripletMarginLoss)
+                  else lmu.get_all_pairs_indices(y))
+    generic = EmbeddingExpansionLoss(make())(x2, y, all_tuples)  # indices given: PML's own path
+    assert dense.item() == pytest.approx(generic.item(), rel=1e-10, abs=1e-12)
+    dense.backward()
+    generic.backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-10)

@@ -5,6 +5,7 @@ import copy
 from typing import Dict, Optional, Tuple
 
 import torch
+from pytorch_metric_learning import losses, reducers
 from pytorch_metric_learning.losses import BaseMetricLossFunction, NPairsLoss
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
@@ -100,11 +101,75 @@ class EmbeddingExpansionLoss(BaseMetricLossFunction):
             for name in _MIRRORED_STATS:
                 setattr(self, name, getattr(self.miner, name, 0))
         try:
+            dense = _dense_loss(self.loss, indices_tuple)
+            if dense is not None:
+                mat = F.hardened_pair_matrix(hardened.originals_mat, hardened.classes, hardened.classes,
+                                             hardened.hardest)
+                self.loss.reset_stats()
+                return self.loss.reducer(dense(self.loss, mat, labels), embeddings, labels)
             return self.loss(embeddings, labels, indices_tuple)
         finally:
             self.loss.distance = distance
             for name in getattr(distance, "_record_these_stats", []):
                 setattr(distance, name, getattr(proxy, name, 0))
+
+
+_PLAIN_REDUCERS = (reducers.MeanReducer, reducers.AvgNonZeroReducer, reducers.ThresholdReducer,
+                   reducers.SumReducer)
+
+
+def _dense_loss(loss, indices_tuple):
+    """A dense [B, P, B] / [B, B] computation of the loss, when it gives exactly PML's value.
+
+    PML evaluates Triplet and Lifted Structure through index lists built from a B³ mask or a
+    (#positive x #negative pairs) mask; on the hardened matrix the same values need only dense
+    per-anchor arithmetic. Used with all tuples (no indices_tuple), PML's reducers that look at
+    the losses alone, and no embedding regulariser; otherwise the wrapped loss runs as is.
+    """
+    if indices_tuple is not None or getattr(loss, "embedding_regularizer", None) is not None:
+        return None
+    if type(loss.reducer) not in _PLAIN_REDUCERS:
+        return None
+    if type(loss) is losses.TripletMarginLoss and loss.triplets_per_anchor == "all" and not loss.swap:
+        return _dense_triplet
+    if type(loss) is losses.LiftedStructureLoss:
+        return _dense_lifted
+    return None
+
+
+def _dense_triplet(loss, mat, labels):
+    """TripletMarginLoss over all (a, p, n): [B, P, B] with P = most positives of an anchor."""
+    b = labels.numel()
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
+    neg = ~same
+    p = int(pos.sum(1).max()) if b else 0
+    if p == 0 or not bool(neg.any()):
+        return loss.zero_losses()
+    pos_idx = torch.sort(pos.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :p]
+    pos_ok = pos.gather(1, pos_idx)
+    ap = mat.gather(1, pos_idx)
+    violation = loss.distance.margin(ap[:, :, None], mat[:, None, :]) + loss.margin
+    per = torch.nn.functional.softplus(violation) if loss.smooth_loss else torch.relu(violation)
+    valid = pos_ok[:, :, None] & neg[:, None, :]
+    a, slot, n = valid.nonzero(as_tuple=True)
+    return {"loss": {"losses": per[a, slot, n], "indices": (a, pos_idx[a, slot], n), "reduction_type": "triplet"}}
+
+
+def _dense_lifted(loss, mat, labels):
+    """LiftedStructureLoss: the log-sum-exp over the negatives of a and of p is
+    logaddexp(E_a, E_p) with E_i the log-sum-exp over i's own negatives."""
+    b = labels.numel()
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
+    neg = ~same
+    if not bool(pos.any()) or not bool(neg.any()):
+        return loss.zero_losses()
+    neg_terms = loss.distance.margin(loss.neg_margin, mat).masked_fill(~neg, float("-inf"))
+    e = torch.logsumexp(neg_terms, dim=1)
+    a, p = pos.nonzero(as_tuple=True)
+    per_pair = torch.relu(torch.logaddexp(e[a], e[p]) + loss.distance.margin(mat[a, p], loss.pos_margin)) ** 2 / 2
+    return {"loss": {"losses": per_pair, "indices": (a, p), "reduction_type": "pos_pair"}}
 
 
 def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
