@@ -3,6 +3,7 @@
     python -m benchmarks.ablations n-points  --config fontglyphs_cpu --loss ms   # n in 0,1,2,4,8,16
     python -m benchmarks.ablations normalize --config fontglyphs_cpu --loss ms   # L2 norm on/off
     python -m benchmarks.ablations pairs     --config fontglyphs_cpu --loss ms   # all vs adjacent
+    python -m benchmarks.ablations per-class --config fontglyphs_cpu --loss ms --values 2 8
     python -m benchmarks.ablations selection-ratio --config fontglyphs_cpu --loss ms
     python -m benchmarks.ablations heatmap   --config fontglyphs_cpu --loss ms
 
@@ -86,6 +87,23 @@ def _sweep_report(ns, key: str, values, title: str):
     print(f"wrote {out}.md and {out}.png")
 
 
+def cmd_per_class(ns):
+    """Batch composition: samples per class (the batch size stays), for the base loss and EE alike."""
+    cfg = config_from_args(ns)
+    lines = [f"### Batch composition ({cfg['name']}, {report.NAMES[ns.loss]}, seeds {ns.seeds})", "",
+             "| per class | plain R@1 | EE R@1 | Δ |", "|---|---|---|---|"]
+    for m in ns.values:
+        r = {method: [run_one(_args(ns), cfg, method, ns.loss, seed,
+                              dict(tuned_hp(ns.runs, cfg, method, ns.loss), per_class=m), "test")
+                      for seed in ns.seeds] for method in ("plain", "ee")}
+        pm, ps = report.mean_se([x["metrics"]["recall_at_1"] for x in r["plain"]])
+        em, es = report.mean_se([x["metrics"]["recall_at_1"] for x in r["ee"]])
+        lines.append(f"| {m} | {report.fmt(pm, ps)} | {report.fmt(em, es)} | {(em - pm) * 100:+.1f} |")
+    out = os.path.join(ns.runs, cfg["name"], "ablations", f"per-class-{ns.loss}.md")
+    harness.atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))
+
+
 def cmd_selection_ratio(ns):
     """Fraction of class pairs whose hardest negative pair involves a synthetic point, per iteration."""
     import matplotlib
@@ -167,7 +185,7 @@ def cmd_heatmap(ns):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("n-points", "normalize", "pairs", "selection-ratio", "heatmap"))
+    ap.add_argument("what", choices=("n-points", "normalize", "pairs", "per-class", "selection-ratio", "heatmap"))
     ap.add_argument("--config", default="fontglyphs_cpu")
     ap.add_argument("--loss", default="ms", choices=harness.LOSSES)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -183,6 +201,8 @@ def main(argv=None):
         _sweep_report(ns, "normalize", [True, False], "EE: L2 normalisation of synthetic points")
     elif ns.what == "pairs":
         _sweep_report(ns, "pairs", ["all", "adjacent"], "EE: which same-class pairs are expanded")
+    elif ns.what == "per-class":
+        cmd_per_class(ns)
     elif ns.what == "selection-ratio":
         cmd_selection_ratio(ns)
     else:
