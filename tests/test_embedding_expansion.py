@@ -281,3 +281,29 @@ def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes):
     dense.backward()
     generic.backward()
     assert torch.allclose(x1.grad, x2.grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_class_pair_hardest_and_argbest_match_loops(inverted):
+    g = torch.Generator().manual_seed(17)
+    classes = torch.tensor([2, 0, 1, 0, 2, 2, 1])
+    mat = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    hardest = F.class_pair_hardest(mat, classes, 3, inverted)
+    rows, cols = F.class_pair_argbest(mat, classes, 3, inverted)
+    for a in range(3):
+        for b in range(3):
+            block = [mat[i, j].item() for i in range(7) for j in range(7) if classes[i] == a and classes[j] == b]
+            best = max(block) if inverted else min(block)
+            assert hardest[a, b].item() == best
+            assert classes[rows[a, b]] == a and classes[cols[a, b]] == b and mat[rows[a, b], cols[a, b]] == best
+
+
+@pytest.mark.parametrize("dist", [distances.LpDistance(), distances.CosineSimilarity(), distances.LpDistance(p=1)])
+def test_expanded_pair_values_equal_the_full_matrix_entries(dist):
+    x, y = batch(seed=18)
+    ex = F.expand(y, 2, "all", x.dtype)
+    m = ex.labels.numel()
+    rows = torch.randint(0, m, (20,), generator=torch.Generator().manual_seed(0))
+    cols = torch.randint(0, m, (20,), generator=torch.Generator().manual_seed(1))
+    full = F.expanded_distance_matrix(x, ex, dist, True)
+    assert torch.allclose(F.expanded_pair_values(x, ex, rows, cols, dist, True), full[rows, cols], atol=1e-9)
