@@ -87,3 +87,23 @@ def test_labels_on_another_device_is_a_clear_error():
         EmbeddingExpansionLoss(losses.TripletMarginLoss())(x, y)
     with pytest.raises(ValueError, match="labels are on"):
         HPHNTripletLoss()(x, y)
+
+
+def test_hdml_autocast_bfloat16_training_step_is_finite_and_close():
+    from pml_ext.losses import HDMLLoss
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU())
+    head = torch.nn.Linear(32, 8)
+    hdml = HDMLLoss(losses.TripletMarginLoss(margin=0.2), embedding_size=8, feature_size=32, num_classes=8,
+                    alpha=0.05)
+    x = torch.randn(32, 16)
+    y = torch.arange(8).repeat_interleave(4)
+    ref_loss = hdml(trunk(x), y, head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hdml(trunk(x), y, head)
+    assert torch.isfinite(out)
+    out.float().backward()
+    params = list(trunk.parameters()) + list(head.parameters()) + list(hdml.parameters())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+    assert out.float().item() == pytest.approx(ref_loss.item(), rel=0.1, abs=0.02)
