@@ -94,19 +94,17 @@ class EmbeddingExpansionLoss(BaseMetricLossFunction):
         _check_batch(embeddings, labels)
         distance = self.loss.distance
         hardened = self.miner.harden(embeddings, labels, distance=distance)
-        hints = _index_hints(self.loss, indices_tuple, labels)
-        proxy = _hardened_distance(distance, embeddings, hardened, hints)
-        self.loss.distance = proxy
         if self.collect_stats:
             for name in _MIRRORED_STATS:
                 setattr(self, name, getattr(self.miner, name, 0))
+        dense = _dense_loss(self.loss, indices_tuple)
+        if dense is not None:
+            self.loss.reset_stats()
+            return self.loss.reducer(dense(self.loss, hardened.hardened_matrix(), labels), embeddings, labels)
+        hints = _index_hints(self.loss, indices_tuple, labels)
+        proxy = _hardened_distance(distance, embeddings, hardened, hints)
+        self.loss.distance = proxy
         try:
-            dense = _dense_loss(self.loss, indices_tuple)
-            if dense is not None:
-                mat = F.hardened_pair_matrix(hardened.originals_mat, hardened.classes, hardened.classes,
-                                             hardened.hardest)
-                self.loss.reset_stats()
-                return self.loss.reducer(dense(self.loss, mat, labels), embeddings, labels)
             return self.loss(embeddings, labels, indices_tuple)
         finally:
             self.loss.distance = distance
@@ -216,8 +214,7 @@ class _HardenedDistanceMixin:
         x, batch = self._ee_embeddings, self._ee_batch
         if query_emb is x and (ref_emb is None or ref_emb is x):
             # The batch's own matrix was computed with the hardest pairs (same Gram matrix).
-            mat = batch.originals_mat
-            return F.hardened_pair_matrix(mat, batch.classes, batch.classes, batch.hardest)
+            return batch.hardened_matrix()
         mat = super().forward(query_emb, ref_emb)
         rows = self._ee_classes_of(query_emb)
         cols = rows if ref_emb is None else self._ee_classes_of(ref_emb)

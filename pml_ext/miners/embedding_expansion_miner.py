@@ -25,6 +25,11 @@ class HardenedBatch(NamedTuple):
     slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
     originals_mat: torch.Tensor  # [B, B] the distance on the batch (has grad)
 
+    def hardened_matrix(self) -> torch.Tensor:
+        """The batch's own [B, B] matrix with every negative pair's value replaced by the hardest
+        value of its class pair (positives keep theirs): what a wrapped loss sees."""
+        return F.hardened_pair_matrix(self.originals_mat, self.classes, self.classes, self.hardest)
+
 
 class EmbeddingExpansionMiner(BaseMiner):
     """Hard negative pair mining over originals and internal division points (EE, Eqs. 1-2, §3.2).
