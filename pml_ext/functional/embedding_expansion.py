@@ -143,15 +143,23 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(x))
 
 
+def _safe_inverse(norm: torch.Tensor) -> torch.Tensor:
+    """1/norm, and 0 where the norm is 0: a zero-norm midpoint (antipodal endpoints) stays at the
+    origin rather than becoming NaN."""
+    return torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+
+
+def _sq_norms(gram, f, s, wf, ws) -> torch.Tensor:
+    """‖wf·x_f + ws·x_s‖² of each point from the Gram matrix."""
+    return wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
+
+
 def _point_weights(gram: torch.Tensor, ex: ExpandedSet, normalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Weights of each expanded point's two endpoints, with EE Eq. 2's 1/‖x̄‖ folded in."""
     f, s = ex.first, ex.second
     wf, ws = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
     if normalize and bool(ex.is_synthetic.any()):
-        sq_norm = wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
-        norm = safe_sqrt(sq_norm)
-        # A zero-norm midpoint (antipodal endpoints) stays at the origin rather than becoming NaN.
-        inv = torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(norm))
+        inv = _safe_inverse(safe_sqrt(_sq_norms(gram, f, s, wf, ws)))
         scale = torch.where(ex.is_synthetic, inv, torch.ones_like(inv))
         wf, ws = wf * scale, ws * scale
     return wf, ws
@@ -175,8 +183,7 @@ def expanded_embeddings(x: torch.Tensor, ex: ExpandedSet, normalize: bool) -> to
     ws = ex.w_second.to(x.dtype)[:, None]
     points = wf * x[ex.first] + ws * x[ex.second]
     if normalize and bool(ex.is_synthetic.any()):
-        norms = safe_sqrt((points * points).sum(dim=1, keepdim=True))
-        inv = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(norms))
+        inv = _safe_inverse(safe_sqrt((points * points).sum(dim=1, keepdim=True)))
         points = torch.where(ex.is_synthetic[:, None], points * inv, points)
     return points
 
@@ -209,13 +216,14 @@ def _gram_kind(distance) -> Optional[str]:
     return None
 
 
-def _mat_from_gram(g: torch.Tensor, kind: str, power) -> torch.Tensor:
-    """A PML distance matrix from inner products of the same point set.
+def _mat_from_gram(g: torch.Tensor, kind: str, power, sq_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A PML distance matrix from inner products of the same point set (squared norms: the
+    diagonal unless given).
 
     The diagonal is exactly 0 for Euclidean: n_i + n_i − 2·g_ii cancels exactly in floating point.
     """
     if kind == "euclidean":
-        sq_norms = torch.diagonal(g)
+        sq_norms = torch.diagonal(g) if sq_norms is None else sq_norms
         g = safe_sqrt(sq_norms[:, None] + sq_norms[None, :] - 2 * g)
     return g**power if power != 1 else g
 
@@ -286,10 +294,15 @@ def class_pair_argbest(
     [C, K, C, K] view: no loop, no [M, M] index arithmetic. Not differentiable (indices).
     """
     with torch.no_grad():
-        m = mat.shape[0]
         slots = _class_slots(classes, num_classes)
-        idx = slots.flatten().clamp(max=m - 1)
-        return _best_in_slots(mat.index_select(0, idx).index_select(1, idx), slots, m, inverted)
+        return _best_in_slots(_in_slot_order(mat, slots), slots, mat.shape[0], inverted)
+
+
+def _in_slot_order(mat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows and columns of an [M, M] matrix in class-slot order (padding slots repeat row M-1;
+    ``_best_in_slots`` masks them)."""
+    idx = slots.flatten().clamp(max=mat.shape[0] - 1)
+    return mat.index_select(0, idx).index_select(1, idx)
 
 
 def class_pair_hardest(
@@ -312,7 +325,7 @@ def _pair_values_from_gram(gram, ex, rows, cols, normalize, kind, power):
     g = (wf[rows] * wf[cols] * gram[fr, fc] + wf[rows] * ws[cols] * gram[fr, sc]
          + ws[rows] * wf[cols] * gram[sr, fc] + ws[rows] * ws[cols] * gram[sr, sc])
     if kind == "euclidean":
-        sq_norms = wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
+        sq_norms = _sq_norms(gram, f, s, wf, ws)
         g = safe_sqrt((sq_norms[rows] + sq_norms[cols] - 2 * g).masked_fill(rows == cols, 0))
     return g**power if power != 1 else g
 
@@ -363,8 +376,7 @@ def _slot_ordered_gram(gram: torch.Tensor, ex: ExpandedSet, normalize: bool, slo
     cols = torch.arange(flat.numel(), device=gram.device)
     w_t.index_put_((f, cols), wf, accumulate=True)
     w_t.index_put_((s, cols), ws, accumulate=True)
-    sq_norms = wf * wf * gram[f, f] + 2 * wf * ws * gram[f, s] + ws * ws * gram[s, s]
-    return wg @ w_t, sq_norms
+    return wg @ w_t, _sq_norms(gram, f, s, wf, ws)
 
 
 def hardest_negative_pairs(
@@ -392,10 +404,8 @@ def hardest_negative_pairs(
     kind = _gram_kind(distance)
     if kind is None:
         mat = expanded_distance_matrix(embeddings, ex, distance, normalize)
-        m = mat.shape[0]
-        idx = slots.flatten().clamp(max=m - 1)
-        search = mat.detach().index_select(0, idx).index_select(1, idx)
-        rows, cols = _best_in_slots(search, slots, m, distance.is_inverted)
+        search = _in_slot_order(mat.detach(), slots)
+        rows, cols = _best_in_slots(search, slots, mat.shape[0], distance.is_inverted)
         return HardestPairs(mat[rows, cols], rows, cols, search, distance.is_inverted, slots, mat[:b, :b])
     x = distance.maybe_normalize(embeddings)
     gram = x @ x.t()
@@ -407,10 +417,7 @@ def hardest_negative_pairs(
         if on_sphere:
             search, inverted = g, True
         else:
-            if kind == "euclidean":
-                g = safe_sqrt(sq_norms[:, None] + sq_norms[None, :] - 2 * g)
-            search = g**distance.power if distance.power != 1 else g
-            inverted = distance.is_inverted
+            search, inverted = _mat_from_gram(g, kind, distance.power, sq_norms), distance.is_inverted
     rows, cols = _best_in_slots(search, slots, ex.labels.numel(), inverted)
     hardest = _pair_values_from_gram(gram, ex, rows, cols, normalize, kind, distance.power)
     return HardestPairs(hardest, rows, cols, search, inverted, slots, _mat_from_gram(gram, kind, distance.power))
