@@ -75,11 +75,15 @@ def load_arrays(cfg: Dict[str, Any], split: str) -> Tuple[np.ndarray, np.ndarray
         return tr_x, tr_y, te_x, te_y
     if split != "val":
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    classes = np.unique(tr_y)
-    rng = np.random.RandomState(data.get("val_seed", 0))
-    val_classes = rng.choice(classes, size=max(2, len(classes) // 4), replace=False)
-    is_val = np.isin(tr_y, val_classes)
+    is_val = validation_mask(tr_y, data.get("val_seed", 0))
     return tr_x[~is_val], tr_y[~is_val], tr_x[is_val], tr_y[is_val]
+
+
+def validation_mask(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Samples of a seeded quarter of the classes (at least 2): the validation split of TRAIN."""
+    classes = np.unique(labels)
+    val_classes = np.random.RandomState(seed).choice(classes, size=max(2, len(classes) // 4), replace=False)
+    return np.isin(labels, val_classes)
 
 
 def augment(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -156,9 +160,7 @@ def image_sources(cfg: Dict[str, Any], split: str):
         test_eval = _with_eval_transform(test)
         return DatasetSource(train, train.labels, workers), DatasetSource(test_eval, test.labels, workers)
     labels = np.asarray(train.labels)
-    val_classes = np.random.RandomState(data.get("val_seed", 0)).choice(
-        np.unique(labels), size=max(2, len(np.unique(labels)) // 4), replace=False)
-    is_val = np.isin(labels, val_classes)
+    is_val = validation_mask(labels, data.get("val_seed", 0))
     tr_idx, va_idx = np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
     val_ds = _with_eval_transform(cls(root, split="train"))
     return (DatasetSource(torch.utils.data.Subset(train, tr_idx), labels[tr_idx], workers),
