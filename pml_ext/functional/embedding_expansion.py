@@ -8,6 +8,7 @@ matrix costs gathers and a few multiply-adds per entry instead of another matrix
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -27,6 +28,10 @@ __all__ = [
     "expanded_pair_values",
     "hardest_negative_pairs",
     "HardestPairs",
+    "BatchLayout",
+    "batch_layout",
+    "first_appearance_classes",
+    "hardest_negative_pairs_in_layout",
     "hardened_pair_matrix",
     "safe_sqrt",
 ]
@@ -350,33 +355,110 @@ def expanded_pair_values(
     return _pair_values_from_gram(x @ x.t(), ex, rows, cols, normalize, kind, distance.power)
 
 
+class BatchLayout:
+    """Everything about a batch that depends only on which samples share a class.
+
+    Built once per label pattern and cached (:func:`batch_layout`): for a PML sampler such as
+    ``MPerClassSampler`` the pattern repeats every batch even though the classes change, so a
+    training step does no index arithmetic. Classes are numbered by first appearance.
+
+    The expanded set is laid out in class slots: ``slots[c, s]`` is the expanded-set index of
+    class c's s-th point (originals first, padding = M), and ``weights[c, s]`` expresses that
+    point over class c's originals ``originals[c]`` (padding = B): every inner product between
+    two classes' expanded sets is ``weights[c] · G[c, d] · weights[d]ᵀ`` with G[c, d] the
+    k x k block of the originals' Gram matrix.
+    """
+
+    def __init__(self, classes: torch.Tensor, num_classes: int, ex: ExpandedSet):
+        b, m, device = ex.num_originals, ex.labels.numel(), classes.device
+        self.classes, self.num_classes, self.expanded = classes, num_classes, ex
+        c = num_classes
+        arange_b = torch.arange(b, device=device)
+        self.first_index = torch.full((c,), b, dtype=torch.long, device=device).scatter_reduce(
+            0, classes, arange_b, "amin")
+        originals = _class_slots(classes, c)  # [C, k]
+        k = originals.shape[1]
+        self.slots = _class_slots(classes[ex.first] if m else classes, c)  # [C, K]
+        kk = self.slots.shape[1]
+        self.originals = originals.flatten().clamp(max=max(b - 1, 0))
+        valid = self.slots < m
+        self.valid_slot = None if bool(valid.all()) else valid
+        flat = self.slots.flatten().clamp(max=max(m - 1, 0))
+        # position of every original inside its class's k original slots
+        position = torch.zeros(b + 1, dtype=torch.long, device=device)
+        position[originals.flatten()] = torch.arange(k, device=device).repeat(c)
+        w = torch.zeros(c * kk, k, dtype=ex.w_first.dtype, device=device)
+        ok = valid.flatten().to(w.dtype)
+        w.scatter_add_(1, position[ex.first[flat]][:, None], (ex.w_first[flat] * ok)[:, None])
+        w.scatter_add_(1, position[ex.second[flat]][:, None], (ex.w_second[flat] * ok)[:, None])
+        self.weights = w.view(c, kk, k)
+        self.synthetic_slot = ex.is_synthetic[flat].view(c, kk) & valid
+        self.original_slot = (self.slots < b) & valid
+        self.has_synthetic = bool(self.synthetic_slot.any())
+        # [C, C] base offsets of class x's and class y's slots in the flattened [C·K] layout
+        self.row_base = (torch.arange(c, device=device) * kk)[:, None]
+        self.col_base = (torch.arange(c, device=device) * kk)[None, :]
+        self.class_eye = torch.eye(c, dtype=torch.bool, device=device)
+        self.pair_index = classes[:, None] * c + classes[None, :]
+        self.negative = classes[:, None] != classes[None, :]
+        self._extras: dict = {}
+
+    def extra(self, name: str, build):
+        """A per-layout cache for structures the losses derive from the label pattern."""
+        if name not in self._extras:
+            self._extras[name] = build(self)
+        return self._extras[name]
+
+
+_LAYOUT_CACHE: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
+_LAYOUT_CACHE_SIZE = 32
+
+
+def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Class index of every sample, classes numbered in order of first appearance."""
+    _, inverse = torch.unique(labels, return_inverse=True)
+    c = int(inverse.max()) + 1 if labels.numel() else 0
+    b = labels.numel()
+    first = torch.full((c,), b, dtype=torch.long, device=labels.device).scatter_reduce(
+        0, inverse, torch.arange(b, device=labels.device), "amin")
+    rank = torch.empty_like(first)
+    rank[first.argsort()] = torch.arange(c, device=labels.device)
+    return rank[inverse], c
+
+
+def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
+                 dtype: torch.dtype = torch.float32) -> BatchLayout:
+    """The :class:`BatchLayout` of a batch's labels, cached by label pattern (LRU, 32 entries)."""
+    classes, c = first_appearance_classes(labels)
+    key = (classes.cpu().numpy().tobytes(), n_points, pairs, str(labels.device), dtype)
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is None:
+        layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
+        _LAYOUT_CACHE[key] = layout
+        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.popitem(last=False)
+    else:
+        _LAYOUT_CACHE.move_to_end(key)
+    return layout
+
+
 class HardestPairs(NamedTuple):
     hardest: torch.Tensor  # [C, C] differentiable
     rows: torch.Tensor  # [C, C] expanded-set index of the first point of the hardest pair
     cols: torch.Tensor  # [C, C] ... of the second point
-    search_mat: torch.Tensor  # [C·K, C·K] detached, slot order: the distance or a monotone stand-in
+    search_mat: torch.Tensor  # [C, C, K, K] detached: [x, y, p, q] = slot p of x vs slot q of y
     search_inverted: bool  # True when larger values of search_mat are harder
     slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
     originals_mat: torch.Tensor  # [B, B] the distance on the batch, differentiable
 
 
-def _slot_ordered_gram(gram: torch.Tensor, ex: ExpandedSet, normalize: bool, slots: torch.Tensor
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Inner products and squared norms of the expanded set in class-slot order: W G Wᵀ with W
-    [C·K, B] (two non-zeros per row; zero rows for padding) as two row gathers and one matmul."""
-    m = ex.labels.numel()
-    flat = slots.flatten()
-    valid = flat < m
-    idx = flat.clamp(max=m - 1)
-    wf, ws = _point_weights(gram, ex, normalize)
-    wf, ws = wf[idx] * valid, ws[idx] * valid
-    f, s = ex.first[idx], ex.second[idx]
-    wg = wf[:, None] * gram.index_select(0, f) + ws[:, None] * gram.index_select(0, s)  # [CK, B]
-    w_t = gram.new_zeros(gram.shape[0], flat.numel())
-    cols = torch.arange(flat.numel(), device=gram.device)
-    w_t.index_put_((f, cols), wf, accumulate=True)
-    w_t.index_put_((s, cols), ws, accumulate=True)
-    return wg @ w_t, _sq_norms(gram, f, s, wf, ws)
+def _argbest_swapped(search_t: torch.Tensor, inverted: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Slots (p, q) [C, C] of the best entry per class pair, from the search tensor with its last
+    two dimensions swapped ([x, y, q, p]): one min/max over a [C, C, K·K] view."""
+    c, _, k, _ = search_t.shape
+    reduce = torch.max if inverted else torch.min
+    flat = reduce(search_t.reshape(c, c, k * k), dim=2).indices
+    return flat % k, torch.div(flat, k, rounding_mode="floor")
 
 
 def hardest_negative_pairs(
@@ -389,38 +471,92 @@ def hardest_negative_pairs(
 ) -> HardestPairs:
     """EE's hard negative pair mining (§3.2): for every class pair, the hardest pair of points.
 
-    The search runs without autograd over the expanded set laid out in class slots ([C, K],
-    K = largest class): its inner products are one [C·K, B] x [B, C·K] product from the
-    originals' Gram matrix, and the per-class-pair best is one min/max over a [C, K, C, K]
-    view. The gradient flows only through the selected pairs, recomputed from the Gram matrix
-    (one B x B x d product serves the search, the selected values and the batch's own distance
-    matrix). When every point is on the unit sphere (L2-normalising Lp distance,
-    ``normalize=True``), the Euclidean distance decreases with the inner product, so the search
-    runs on the inner products themselves (``search_inverted=True``) without square roots.
+    ``classes`` [B] numbers the originals' classes 0..C-1 (any order); ``ex`` is the expanded
+    set of the same batch. See :func:`hardest_negative_pairs_in_layout`.
     """
-    b = ex.num_originals
-    ex_classes = torch.cat([classes, classes[ex.first[b:]]])
-    slots = _class_slots(ex_classes, num_classes)
+    return hardest_negative_pairs_in_layout(embeddings, BatchLayout(classes, num_classes, ex), distance, normalize)
+
+
+def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayout, distance,
+                                     normalize: bool = True) -> HardestPairs:
+    """EE's hard negative pair mining (§3.2) on a :class:`BatchLayout`.
+
+    The search runs without autograd. Every synthetic point is a combination of its own class's
+    originals, so the inner products between the expanded sets of classes x and y are
+    ``W_x G_xy W_yᵀ`` with W [K, k] per class: two batched products with inner dimension k
+    (points per class), not B, then one min/max per class pair over a [C, C, K·K] view. The
+    gradient flows only through the C² selected pairs, recomputed from the Gram matrix (one
+    B x B x d product serves the search, the selected values and the batch's own matrix). When
+    every point is on the unit sphere (L2-normalising Lp distance, ``normalize=True``), the
+    Euclidean distance decreases with the inner product, so the search runs on the inner
+    products themselves (``search_inverted=True``) without square roots.
+    """
+    ex, slots, b = layout.expanded, layout.slots, layout.expanded.num_originals
+    c, kk, k = layout.weights.shape
     kind = _gram_kind(distance)
     if kind is None:
-        mat = expanded_distance_matrix(embeddings, ex, distance, normalize)
-        search = _in_slot_order(mat.detach(), slots)
-        rows, cols = _best_in_slots(search, slots, mat.shape[0], distance.is_inverted)
-        return HardestPairs(mat[rows, cols], rows, cols, search, distance.is_inverted, slots, mat[:b, :b])
+        return _hardest_from_full_matrix(embeddings, layout, distance, normalize)
     x = distance.maybe_normalize(embeddings)
     gram = x @ x.t()
+    gs = gram.index_select(0, layout.originals).index_select(1, layout.originals).view(c, k, c, k)
+    w = layout.weights.to(gram.dtype)
+    gcc = torch.diagonal(gs, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k] within-class blocks
+    sq_raw = ((w @ gcc) * w).sum(-1)  # [C, K] squared norms before EE Eq. 2
+    scale = None
+    if normalize and layout.has_synthetic:
+        scale = torch.where(layout.synthetic_slot, _safe_inverse(safe_sqrt(sq_raw)), torch.ones_like(sq_raw))
     with torch.no_grad():
-        g, sq_norms = _slot_ordered_gram(gram.detach(), ex, normalize, slots)
-        real = slots.flatten() < ex.labels.numel()
-        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings
-                     and distance.power > 0 and bool((sq_norms[real] > 0.5).all()))
+        wn = w if scale is None else w * scale.detach()[..., None]
+        sq = sq_raw.detach() if scale is None else sq_raw.detach() * scale.detach() ** 2
+        t = torch.bmm(wn, gs.detach().reshape(c, k, c * k))  # [x, p, (y, j)]
+        # r[y, x, p, q] = <slot p of x, slot q of y> = search[y, x, q, p] (the Gram is symmetric)
+        r = torch.bmm(t.view(c * kk, c, k).transpose(0, 1), wn.transpose(1, 2)).view(c, c, kk, kk)
+        valid = layout.valid_slot
+        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
+                     and bool(((sq > 0.5) if valid is None else ((sq > 0.5) | ~valid)).all()))
         if on_sphere:
-            search, inverted = g, True
+            search_t, inverted = r, True
         else:
-            search, inverted = _mat_from_gram(g, kind, distance.power, sq_norms), distance.is_inverted
-    rows, cols = _best_in_slots(search, slots, ex.labels.numel(), inverted)
-    hardest = _pair_values_from_gram(gram, ex, rows, cols, normalize, kind, distance.power)
-    return HardestPairs(hardest, rows, cols, search, inverted, slots, _mat_from_gram(gram, kind, distance.power))
+            if kind == "euclidean":
+                r = safe_sqrt(sq[None, :, :, None] + sq[:, None, None, :] - 2 * r)
+            search_t, inverted = (r**distance.power if distance.power != 1 else r), distance.is_inverted
+        if valid is not None:
+            keep = valid[None, :, :, None] & valid[:, None, None, :]
+            search_t = search_t.masked_fill(~keep, float("-inf") if inverted else float("inf"))
+        p_slot, q_slot = _argbest_swapped(search_t, inverted)
+        ri, ci = layout.row_base + p_slot, layout.col_base + q_slot  # [C, C] flat slot indices
+    wr, wc = w.view(c * kk, k)[ri], w.view(c * kk, k)[ci]  # [C, C, k]
+    g = (wr[..., :, None] * gs.permute(0, 2, 1, 3) * wc[..., None, :]).sum((-2, -1))
+    if scale is not None:
+        sr, sc = scale.view(-1)[ri], scale.view(-1)[ci]
+        g = g * sr * sc
+    if kind == "euclidean":
+        nr, nc = sq_raw.view(-1)[ri], sq_raw.view(-1)[ci]
+        if scale is not None:
+            nr, nc = nr * sr * sr, nc * sc * sc
+        g = safe_sqrt((nr + nc - 2 * g).masked_fill(layout.class_eye & (p_slot == q_slot), 0))
+    hardest = g**distance.power if distance.power != 1 else g
+    flat_slots = slots.view(-1)
+    return HardestPairs(hardest, flat_slots[ri], flat_slots[ci], search_t.transpose(2, 3), inverted, slots,
+                        _mat_from_gram(gram, kind, distance.power))
+
+
+def _hardest_from_full_matrix(embeddings, layout: BatchLayout, distance, normalize) -> HardestPairs:
+    """Any other distance: its full [M, M] matrix over the explicit expanded set."""
+    ex, slots, b = layout.expanded, layout.slots, layout.expanded.num_originals
+    c, kk = slots.shape
+    mat = expanded_distance_matrix(embeddings, ex, distance, normalize)
+    with torch.no_grad():
+        search = _in_slot_order(mat.detach(), slots).view(c, kk, c, kk).permute(0, 2, 1, 3)
+        inverted = distance.is_inverted
+        if layout.valid_slot is not None:
+            v = layout.valid_slot
+            search = search.masked_fill(~(v[:, None, :, None] & v[None, :, None, :]),
+                                        float("-inf") if inverted else float("inf"))
+        p_slot, q_slot = _argbest_swapped(search.transpose(2, 3), inverted)
+        flat_slots = slots.view(-1)
+        rows, cols = flat_slots[layout.row_base + p_slot], flat_slots[layout.col_base + q_slot]
+    return HardestPairs(mat[rows, cols], rows, cols, search, inverted, slots, mat[:b, :b])
 
 
 def hardened_pair_matrix(

@@ -14,21 +14,23 @@ __all__ = ["EmbeddingExpansionMiner", "HardenedBatch"]
 class HardenedBatch(NamedTuple):
     """What EE mining yields for one batch."""
 
-    classes: torch.Tensor  # [B] class index of every original, 0..C-1
+    classes: torch.Tensor  # [B] class index of every original, 0..C-1 in order of first appearance
     unique_labels: torch.Tensor  # [C]
     hardest: torch.Tensor  # [C, C] hardest value between two classes' expanded sets (has grad)
     hardest_rows: torch.Tensor  # [C, C] expanded-set index of the hardest pair's first point
     hardest_cols: torch.Tensor  # [C, C] ... and of its second point
     expanded: F.ExpandedSet
-    search_mat: torch.Tensor  # [C·K, C·K] detached, class-slot order (see hardest_negative_pairs)
+    search_mat: torch.Tensor  # [C, C, K, K] detached: slot p of class x vs slot q of class y
     search_inverted: bool  # larger search_mat values are harder
     slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
     originals_mat: torch.Tensor  # [B, B] the distance on the batch (has grad)
+    layout: F.BatchLayout  # the label-pattern structures (cached across batches)
 
     def hardened_matrix(self) -> torch.Tensor:
         """The batch's own [B, B] matrix with every negative pair's value replaced by the hardest
         value of its class pair (positives keep theirs): what a wrapped loss sees."""
-        return F.hardened_pair_matrix(self.originals_mat, self.classes, self.classes, self.hardest)
+        lay = self.layout
+        return torch.where(lay.negative, self.hardest.reshape(-1)[lay.pair_index], self.originals_mat)
 
 
 class EmbeddingExpansionMiner(BaseMiner):
@@ -76,35 +78,34 @@ class EmbeddingExpansionMiner(BaseMiner):
     def harden(self, embeddings: torch.Tensor, labels: torch.Tensor, distance=None) -> HardenedBatch:
         """Differentiable per-class-pair hardest values over the expanded batch."""
         distance = self.distance if distance is None else distance
-        unique, classes = F.class_indices(labels)
-        ex = F.expand(labels, self.n_points, self.pairs, embeddings.dtype)
-        hp = F.hardest_negative_pairs(embeddings, ex, classes, unique.numel(), distance, self.normalize)
+        layout = F.batch_layout(labels, self.n_points, self.pairs, embeddings.dtype)
+        hp = F.hardest_negative_pairs_in_layout(embeddings, layout, distance, self.normalize)
+        ex = layout.expanded._replace(labels=labels[layout.expanded.first])
         if self.collect_stats:
-            self._record_stats(hp, ex)
-        return HardenedBatch(classes, unique, hp.hardest, hp.rows, hp.cols, ex, hp.search_mat,
-                             hp.search_inverted, hp.slots, hp.originals_mat)
+            self._record_stats(hp, layout)
+        return HardenedBatch(layout.classes, labels[layout.first_index], hp.hardest, hp.rows, hp.cols, ex,
+                             hp.search_mat, hp.search_inverted, hp.slots, hp.originals_mat, layout)
 
     @torch.no_grad()
-    def _record_stats(self, hp: F.HardestPairs, ex: F.ExpandedSet):
-        c, k = hp.slots.shape
-        m = ex.labels.numel()
-        self.num_synthetic = int(ex.is_synthetic.sum())
-        off_diag = ~torch.eye(c, dtype=torch.bool, device=hp.slots.device)
-        self.num_class_pairs = int(off_diag.sum())
+    def _record_stats(self, hp: F.HardestPairs, layout: F.BatchLayout):
+        c = layout.num_classes
+        self.num_synthetic = int(layout.expanded.is_synthetic.sum())
+        self.num_class_pairs = c * (c - 1)
         if self.num_class_pairs == 0:
             self.synthetic_selection_ratio = 0.0
             return
         # Hardest value per class pair over all points vs over originals only, both from the
-        # slot-ordered search matrix (padding slots are index m).
+        # search tensor [x, y, p, q] (padding slots are neither).
         worst = float("-inf") if hp.search_inverted else float("inf")
         reduce = torch.amax if hp.search_inverted else torch.amin
-        flat = hp.slots.flatten()
 
         def class_pair_best(keep):
-            masked = hp.search_mat.masked_fill(~(keep[:, None] & keep[None, :]), worst)
-            return reduce(reduce(masked.view(c, k, c, k), dim=3), dim=1)
+            masked = hp.search_mat.masked_fill(~(keep[:, None, :, None] & keep[None, :, None, :]), worst)
+            return reduce(masked, dim=(2, 3))
 
-        best, originals_only = class_pair_best(flat < m), class_pair_best(flat < ex.num_originals)
+        valid = layout.original_slot | layout.synthetic_slot
+        best, originals_only = class_pair_best(valid), class_pair_best(layout.original_slot)
+        off_diag = ~layout.class_eye
         harder = best > originals_only if hp.search_inverted else best < originals_only
         self.synthetic_selection_ratio = float(harder[off_diag].float().mean())
 
@@ -115,5 +116,5 @@ class EmbeddingExpansionMiner(BaseMiner):
         same = labels[:, None] == labels[None, :]
         same.fill_diagonal_(False)
         a1, p = same.nonzero(as_tuple=True)
-        off_diag = ~torch.eye(hb.hardest.shape[0], dtype=torch.bool, device=labels.device)
+        off_diag = ~hb.layout.class_eye
         return a1, p, hb.hardest_rows[off_diag], hb.hardest_cols[off_diag]
