@@ -264,10 +264,14 @@ def test_search_on_inner_products_selects_the_smallest_distance(balanced):
     lambda: losses.LiftedStructureLoss(neg_margin=0.8, pos_margin=0.1),
     lambda: losses.LiftedStructureLoss(distance=distances.CosineSimilarity()),
     lambda: losses.LiftedStructureLoss(reducer=reducers.SumReducer()),
+    lambda: losses.NPairsLoss(),
+    lambda: losses.NPairsLoss(distance=distances.LpDistance()),
+    lambda: losses.NPairsLoss(reducer=reducers.AvgNonZeroReducer()),
 ])
 @pytest.mark.parametrize("classes", [(0, 0, 1, 1, 1, 2, 2, 0, 3, 3, 3, 3), (0, 0, 1, 2), (0, 0, 0, 0)])
 def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes):
-    """The dense Triplet / Lifted paths give exactly what PML computes through its index lists."""
+    """The dense Triplet / Lifted / N-pair paths give exactly what PML computes through its
+    index lists (N-pair: through the sub-batches it hands its distance)."""
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
     x, y = batch(seed=16, classes=classes)
@@ -276,6 +280,9 @@ def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes):
     dense = EmbeddingExpansionLoss(base)(x1, y)
     all_tuples = (lmu.get_all_triplets_indices(y) if isinstance(base, losses.TripletMarginLoss)
                   else lmu.get_all_pairs_indices(y))
+    if isinstance(base, losses.NPairsLoss):  # shuffled labels: PML orders its anchors by label
+        y = y * 5 % 11  # 0, 1, 2, 3 -> 0, 5, 10, 4
+        all_tuples = lmu.get_all_pairs_indices(y)
     generic = EmbeddingExpansionLoss(make())(x2, y, all_tuples)  # indices given: PML's own path
     assert dense.item() == pytest.approx(generic.item(), rel=1e-10, abs=1e-12)
     dense.backward()

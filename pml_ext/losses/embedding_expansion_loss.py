@@ -100,7 +100,7 @@ class EmbeddingExpansionLoss(BaseMetricLossFunction):
         dense = _dense_loss(self.loss, indices_tuple)
         if dense is not None:
             self.loss.reset_stats()
-            return self.loss.reducer(dense(self.loss, hardened.hardened_matrix(), labels), embeddings, labels)
+            return self.loss.reducer(dense(self.loss, hardened, labels), embeddings, labels)
         hints = _index_hints(self.loss, indices_tuple, labels)
         proxy = _hardened_distance(distance, embeddings, hardened, hints)
         self.loss.distance = proxy
@@ -117,12 +117,14 @@ _PLAIN_REDUCERS = (reducers.MeanReducer, reducers.AvgNonZeroReducer, reducers.Th
 
 
 def _dense_loss(loss, indices_tuple):
-    """A dense [B, P, B] / [B, B] computation of the loss, when it gives exactly PML's value.
+    """A dense computation of the loss on the hardened matrix, when it gives exactly PML's value.
 
     PML evaluates Triplet and Lifted Structure through index lists built from a B³ mask or a
-    (#positive x #negative pairs) mask; on the hardened matrix the same values need only dense
-    per-anchor arithmetic. Used with all tuples (no indices_tuple), PML's reducers that look at
-    the losses alone, and no embedding regulariser; otherwise the wrapped loss runs as is.
+    (#positive x #negative pairs) mask, and N-pair through sub-batches it hands its distance;
+    on the hardened matrix the same values need only dense per-anchor arithmetic, with the
+    index lists built once per label pattern (:meth:`BatchLayout.extra`). Used with all tuples
+    (no indices_tuple), PML's reducers that look at the losses alone, and no embedding
+    regulariser; otherwise the wrapped loss runs as is.
     """
     if indices_tuple is not None or getattr(loss, "embedding_regularizer", None) is not None:
         return None
@@ -132,42 +134,94 @@ def _dense_loss(loss, indices_tuple):
         return _dense_triplet
     if type(loss) is losses.LiftedStructureLoss:
         return _dense_lifted
+    if type(loss) is losses.NPairsLoss:
+        return _dense_npairs
     return None
 
 
-def _dense_triplet(loss, mat, labels):
-    """TripletMarginLoss over all (a, p, n): [B, P, B] with P = most positives of an anchor."""
-    b = labels.numel()
-    same = labels[:, None] == labels[None, :]
-    pos = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
-    neg = ~same
+def _triplet_structure(layout: F.BatchLayout):
+    """Positives of every anchor padded to P slots, and the (a, p, n) triplets in PML's order."""
+    classes = layout.classes
+    b = classes.numel()
+    pos = ~layout.negative & ~torch.eye(b, dtype=torch.bool, device=classes.device)
     p = int(pos.sum(1).max()) if b else 0
-    if p == 0 or not bool(neg.any()):
-        return loss.zero_losses()
+    if p == 0 or not bool(layout.negative.any()):
+        return None
     pos_idx = torch.sort(pos.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :p]
-    pos_ok = pos.gather(1, pos_idx)
-    ap = mat.gather(1, pos_idx)
-    violation = loss.distance.margin(ap[:, :, None], mat[:, None, :]) + loss.margin
-    per = torch.nn.functional.softplus(violation) if loss.smooth_loss else torch.relu(violation)
-    valid = pos_ok[:, :, None] & neg[:, None, :]
+    valid = pos.gather(1, pos_idx)[:, :, None] & layout.negative[:, None, :]
     a, slot, n = valid.nonzero(as_tuple=True)
-    return {"loss": {"losses": per[a, slot, n], "indices": (a, pos_idx[a, slot], n), "reduction_type": "triplet"}}
+    return pos_idx, valid, (a, pos_idx[a, slot], n)
 
 
-def _dense_lifted(loss, mat, labels):
+def _dense_triplet(loss, hb: HardenedBatch, labels):
+    """TripletMarginLoss over all (a, p, n): [B, P, B] with P = most positives of an anchor."""
+    structure = hb.layout.extra("triplet", _triplet_structure)
+    if structure is None:
+        return loss.zero_losses()
+    pos_idx, valid, indices = structure
+    mat = hb.hardened_matrix()
+    violation = loss.distance.margin(mat.gather(1, pos_idx)[:, :, None], mat[:, None, :]) + loss.margin
+    per = torch.nn.functional.softplus(violation) if loss.smooth_loss else torch.relu(violation)
+    return {"loss": {"losses": per.masked_select(valid), "indices": indices, "reduction_type": "triplet"}}
+
+
+def _pair_structure(layout: F.BatchLayout):
+    """Positive pairs (a, p) in PML's order, or None when the batch has no positive or no negative."""
+    b = layout.classes.numel()
+    pos = ~layout.negative & ~torch.eye(b, dtype=torch.bool, device=layout.classes.device)
+    if not bool(pos.any()) or not bool(layout.negative.any()):
+        return None
+    return pos.nonzero(as_tuple=True)
+
+
+def _dense_lifted(loss, hb: HardenedBatch, labels):
     """LiftedStructureLoss: the log-sum-exp over the negatives of a and of p is
     logaddexp(E_a, E_p) with E_i the log-sum-exp over i's own negatives."""
-    b = labels.numel()
-    same = labels[:, None] == labels[None, :]
-    pos = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
-    neg = ~same
-    if not bool(pos.any()) or not bool(neg.any()):
+    pairs = hb.layout.extra("pairs", _pair_structure)
+    if pairs is None:
         return loss.zero_losses()
-    neg_terms = loss.distance.margin(loss.neg_margin, mat).masked_fill(~neg, float("-inf"))
+    a, p = pairs
+    mat = hb.hardened_matrix()
+    neg_terms = loss.distance.margin(loss.neg_margin, mat).masked_fill(~hb.layout.negative, float("-inf"))
     e = torch.logsumexp(neg_terms, dim=1)
-    a, p = pos.nonzero(as_tuple=True)
     per_pair = torch.relu(torch.logaddexp(e[a], e[p]) + loss.distance.margin(mat[a, p], loss.pos_margin)) ** 2 / 2
     return {"loss": {"losses": per_pair, "indices": (a, p), "reduction_type": "pos_pair"}}
+
+
+def _npair_structure(layout: F.BatchLayout):
+    """PML's N-pair choice: for every class with a positive pair, its first two samples."""
+    members = _first_two_members(layout)
+    has_pair = members[:, 1] < layout.classes.numel()
+    return members[has_pair, 0], members[has_pair, 1]
+
+
+def _first_two_members(layout: F.BatchLayout) -> torch.Tensor:
+    b, c = layout.classes.numel(), layout.num_classes
+    sorted_members = layout.originals.view(c, -1)  # batch order inside each class (clamped padding)
+    k = sorted_members.shape[1]
+    counts = torch.bincount(layout.classes, minlength=c)
+    out = torch.full((c, 2), b, dtype=torch.long, device=layout.classes.device)
+    out[:, 0] = sorted_members[:, 0]
+    if k > 1:
+        out[:, 1] = torch.where(counts > 1, sorted_members[:, 1], b)
+    return out
+
+
+def _dense_npairs(loss, hb: HardenedBatch, labels):
+    """NPairsLoss: PML's anchors and positives (lmu.convert_to_pos_pairs_with_unique_labels:
+    the first two samples of each class, ordered by label), the cross-entropy over their
+    hardened similarity matrix."""
+    a, p = hb.layout.extra("npairs", _npair_structure)
+    loss.num_pairs = len(a)
+    if loss.num_pairs == 0:
+        return loss.zero_losses()
+    order = torch.argsort(labels[a])
+    a, p = a[order], p[order]
+    sim = hb.hardened_matrix()[a][:, p]
+    if not loss.distance.is_inverted:
+        sim = -sim
+    targets = torch.arange(len(a), device=sim.device)
+    return {"loss": {"losses": loss.cross_entropy(sim, targets), "indices": a, "reduction_type": "element"}}
 
 
 def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
