@@ -3,7 +3,11 @@
     python -m benchmarks.perf_ee                      # B=128 (32 classes x 4), d=512, n=2
     python -m benchmarks.perf_ee --scaling            # time/memory over B and n
 
-Every ratio is measured in one run, alternating our call and PML's on the same batch.
+Every ratio is measured in one run, alternating our call and PML's on the same batch. As in
+training, every repeat relabels the batch with fresh class ids (same label pattern: 4 per
+class, the way PML's MPerClassSampler builds batches), so EE's per-pattern layout cache is hit
+as it is in training; the "EE cold" column rebuilds the layout on every call (what a sampler
+that changes the label pattern every batch would cost).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import time
 import torch
 from pytorch_metric_learning import losses, miners, reducers
 
+from pml_ext.functional import embedding_expansion as ee_functional
 from pml_ext.losses import EmbeddingExpansionLoss, HPHNTripletLoss
 
 LOSSES = {
@@ -42,20 +47,40 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_pair(fa, fb, x, y, repeats: int, device: str):
-    """Median seconds of fa and fb, interleaved so that both see the same machine state."""
+def relabel(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The same label pattern with fresh class ids, as the next training batch would have."""
+    ids = torch.randperm(10_000, generator=generator)[: int(y.max()) + 1].to(y.device)
+    return ids[y]
+
+
+def cold(f):
+    """f with EE's layout cache emptied before every call."""
+    def call(e, l):
+        ee_functional._LAYOUT_CACHE.clear()
+        return f(e, l)
+    return call
+
+
+def time_interleaved(fns, x, y, repeats: int, device: str):
+    """Median seconds of each function, interleaved on the same relabelled batches."""
+    g = torch.Generator().manual_seed(1)
     for _ in range(2):
-        step(fa, x, y)
-        step(fb, x, y)
-    ta, tb = [], []
+        for f in fns:
+            step(f, x, y)
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for f, acc in ((fa, ta), (fb, tb)):
+        yr = relabel(y, g)
+        for f, acc in zip(fns, times):
             sync(device)
             t0 = time.perf_counter()
-            step(f, x, y)
+            step(f, x, yr)
             sync(device)
             acc.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return [statistics.median(t) for t in times]
+
+
+def time_pair(fa, fb, x, y, repeats: int, device: str):
+    return tuple(time_interleaved([fa, fb], x, y, repeats, device))
 
 
 def peak_memory(f, x, y, device: str) -> int:
@@ -85,7 +110,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--n-points", type=int, default=2)
     ap.add_argument("--pairs", default="all")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--scaling", action="store_true", help="table over B in 64..512 and n in 0..8")
     args = ap.parse_args(argv)
@@ -95,7 +120,7 @@ def main(argv=None):
     x, y = batch(args.batch, args.per_class, args.dim, args.device)
     print(f"B={args.batch} ({args.batch // args.per_class} classes x {args.per_class}), d={args.dim}, "
           f"n={args.n_points}, pairs={args.pairs}; forward+backward, median of {args.repeats}")
-    print(f"{'loss':<24}{'plain ms':>10}{'EE ms':>10}{'EE/plain':>10}")
+    print(f"{'loss':<24}{'plain ms':>10}{'EE ms':>10}{'EE/plain':>10}{'EE cold ms':>12}{'cold/plain':>12}")
     for name, make in LOSSES.items():
         plain = make()
         ee = EmbeddingExpansionLoss(make(), n_points=args.n_points, pairs=args.pairs)
@@ -105,8 +130,8 @@ def main(argv=None):
             fe = lambda e, l, q=ee, m=ms_miner: q(e, l, m(e, l))  # noqa: E731
         else:
             fp, fe = plain, ee
-        tp, te = time_pair(fp, fe, x, y, args.repeats, args.device)
-        print(f"{name:<24}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>10.2f}")
+        tp, te, tc = time_interleaved([fp, fe, cold(fe)], x, y, args.repeats, args.device)
+        print(f"{name:<24}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>10.2f}{tc * 1e3:>12.2f}{tc / tp:>12.2f}")
     bh_miner = miners.BatchHardMiner()
     bh_loss = losses.TripletMarginLoss(margin=1e-5, reducer=reducers.MeanReducer())
     hphn = HPHNTripletLoss(n_points=args.n_points, pairs="adjacent")

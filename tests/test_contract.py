@@ -139,10 +139,12 @@ def test_bad_input_is_a_clear_error(name):
         obj(x, y[:-1])
     with pytest.raises(ValueError, match="2-D"):
         obj(x[0], y[:1])
-    bad = x.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        obj(bad, y)
+    for values in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        for dtype in (torch.float64, torch.float32):
+            bad = x.clone().to(dtype)
+            bad[0, : len(values)] = torch.tensor(values, dtype=dtype)
+            with pytest.raises(ValueError, match="NaN"):
+                obj(bad, y)
     with pytest.raises(ValueError, match="ref_emb"):
         obj(x, y, None, x, y) if name != "HPHNTripletLoss" else obj(x, y, ref_emb=x, ref_labels=y)
 
@@ -213,3 +215,15 @@ def test_record_keeper_logs_ee_statistics(tmp_path):
     assert group["num_synthetic"][1] == 48 and group["num_class_pairs"][1] == 12
     rk.save_records()
     assert (tmp_path / "loss_EmbeddingExpansionLoss.csv").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_finiteness_check_accepts_the_largest_finite_values(dtype):
+    """The input check sums in float64: the largest finite values of every smaller dtype pass."""
+    from pml_ext.losses.embedding_expansion_loss import _check_batch
+
+    x = torch.full((64, 256), torch.finfo(dtype).max, dtype=dtype)
+    _check_batch(x, torch.arange(64) // 4)  # no error
+    x[3, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        _check_batch(x, torch.arange(64) // 4)

@@ -246,7 +246,11 @@ def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(
             f"labels are on {labels.device} but embeddings are on {embeddings.device}"
         )
-    if not bool(torch.isfinite(embeddings).all()):
+    # Below float64, one float64 sum is finite exactly when every entry is (their finite values
+    # cannot overflow it): a single reduction instead of an elementwise mask.
+    x = embeddings.detach()
+    finite = torch.isfinite(x).all() if x.dtype == torch.float64 else torch.isfinite(x.sum(dtype=torch.float64))
+    if not bool(finite):
         raise ValueError("embeddings contain NaN or inf")
 
 
