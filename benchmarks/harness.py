@@ -262,6 +262,40 @@ def _set_rng_states(s):
     random.setstate(s["python"])
 
 
+def build_training(cfg: Dict[str, Any], method: str, loss_name: str, hp: Dict[str, Any], num_classes: int,
+                   device: str = "cpu"):
+    """(trunk, head, loss_fn, miner, is_hdml, optimizer) of one cell, seeded by the caller."""
+    tcfg, mcfg = cfg["train"], cfg["model"]
+    trunk, head, feature_size = build_model(mcfg["name"], mcfg["embedding_size"], mcfg.get("weights"))
+    loss_fn, miner, is_hdml = build_method(method, loss_name, hp, feature_size, mcfg["embedding_size"],
+                                           num_classes)
+    trunk, head, loss_fn = trunk.to(device), head.to(device), loss_fn.to(device)
+    metric_params = list(trunk.parameters()) + list(head.parameters())
+    if is_hdml:  # three groups, one backward: HDMLLoss routes each term to its own group
+        params = loss_fn.param_groups(metric_params, metric_lr=tcfg["lr"], **hp.get("hdml_lr", {}))
+    else:
+        params = [{"params": metric_params, "lr": tcfg["lr"]}]
+    for group in params:
+        group["weight_decay"] = tcfg.get("weight_decay", 0.0)
+    return trunk, head, loss_fn, miner, is_hdml, torch.optim.Adam(params)
+
+
+def train_step(trunk, head, loss_fn, miner, is_hdml: bool, optimizer, x: torch.Tensor, y: torch.Tensor
+               ) -> torch.Tensor:
+    """One optimisation step; returns the (detached-able) loss."""
+    feats = trunk(x)
+    if is_hdml:
+        loss = loss_fn(feats, y, head)
+    else:
+        emb = head(feats)
+        tuples = miner(emb, y) if miner is not None else None
+        loss = loss_fn(emb, y, tuples)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_dir: str,
                hp: Optional[Dict[str, Any]] = None, split: str = "test", progress: bool = True,
                stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
@@ -281,19 +315,8 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
     train_src, eval_src = sources(cfg, split)
     classes, tr_y = np.unique(train_src.labels, return_inverse=True)
     train_src.labels = tr_y
-    mcfg = cfg["model"]
-    trunk, head, feature_size = build_model(mcfg["name"], mcfg["embedding_size"], mcfg.get("weights"))
-    loss_fn, miner, is_hdml = build_method(method, loss_name, hp, feature_size, mcfg["embedding_size"],
-                                           len(classes))
-    trunk, head, loss_fn = trunk.to(device), head.to(device), loss_fn.to(device)
-    metric_params = list(trunk.parameters()) + list(head.parameters())
-    if is_hdml:  # three groups, one backward: HDMLLoss routes each term to its own group
-        params = loss_fn.param_groups(metric_params, metric_lr=tcfg["lr"], **hp.get("hdml_lr", {}))
-    else:
-        params = [{"params": metric_params, "lr": tcfg["lr"]}]
-    for group in params:
-        group["weight_decay"] = tcfg.get("weight_decay", 0.0)
-    optimizer = torch.optim.Adam(params)
+    trunk, head, loss_fn, miner, is_hdml, optimizer = build_training(cfg, method, loss_name, hp, len(classes),
+                                                                     device)
     per_class = hp.get("per_class", tcfg["per_class"])
     batch_size = tcfg["batch_size"]
     labels = torch.as_tensor(tr_y)
@@ -326,16 +349,7 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
         batch_idx = [order[i * batch_size:(i + 1) * batch_size] for i in range(tcfg["iters_per_epoch"])]
         for it, (x, _) in enumerate(train_src.batches(batch_idx, aug_gen, train=True)):
             x, y = x.to(device), labels[torch.as_tensor(batch_idx[it])].to(device)
-            feats = trunk(x)
-            if is_hdml:
-                loss = loss_fn(feats, y, head)
-            else:
-                emb = head(feats)
-                tuples = miner(emb, y) if miner is not None else None
-                loss = loss_fn(emb, y, tuples)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(trunk, head, loss_fn, miner, is_hdml, optimizer, x, y)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for name, value in _stats(loss_fn).items():
                 sums[name] = sums.get(name, 0.0) + value
