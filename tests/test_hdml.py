@@ -496,3 +496,36 @@ def test_max_synthetic_tuples_and_ema_option():
     assert hdml.num_synthetic_tuples == 7
     assert hdml.J_avg_value == pytest.approx(hdml.metric_weight * hdml.J_m)  # first EMA value, bias-corrected
     assert "javg_tracker.ema" in hdml.state_dict()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: losses.TripletMarginLoss(margin=0.2),
+    lambda: losses.TripletMarginLoss(margin=0.2, swap=True),
+    lambda: losses.TripletMarginLoss(margin=0.2, smooth_loss=True),
+    lambda: losses.TripletMarginLoss(margin=0.1, distance=distances.CosineSimilarity()),
+    lambda: losses.TripletMarginLoss(margin=0.1, distance=distances.LpDistance(normalize_embeddings=False, power=2)),
+    lambda: losses.TripletMarginLoss(margin=0.1, reducer=reducers.MeanReducer()),
+    lambda: losses.TripletMarginLoss(margin=0.1, reducer=reducers.SumReducer()),
+])
+def test_rowwise_synthetic_triplet_loss_equals_pml(make):
+    """J_syn computed triplet by triplet equals PML's own (B+T)² path, value and gradient,
+    including duplicate rows (zero distances)."""
+    g = torch.Generator().manual_seed(31)
+    B, T = 12, 40
+    emb = torch.randn(B + T, EMB, generator=g, dtype=DT)
+    emb[B] = emb[0]  # a synthetic negative equal to an anchor: zero distance
+    labels = torch.randint(0, 4, (B + T,), generator=g)
+    a = torch.randint(0, B, (T,), generator=g)
+    p = torch.randint(0, B, (T,), generator=g)
+    p[0] = a[0]  # zero anchor-positive distance
+    n = B + torch.arange(T)
+    a[0] = 0
+    hdml = HDMLLoss(make(), embedding_size=EMB, feature_size=FEAT, num_classes=C)
+    e1, e2 = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+    fast = hdml._triplet_syn_loss(e1, labels, (a, p, n))
+    slow = make()(e2, labels, (a, p, n))
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-9, abs=1e-12)
+    fast.backward()
+    slow.backward()
+    assert torch.isfinite(e1.grad).all()
+    assert torch.allclose(e1.grad, e2.grad, atol=1e-8)

@@ -11,6 +11,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as tnf
+from pytorch_metric_learning import losses, reducers
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import NPairsLoss
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
@@ -127,6 +129,22 @@ def _zero_from(tensors: Iterable[torch.Tensor], like: torch.Tensor) -> torch.Ten
         if t.requires_grad:
             out = out + (t * 0).sum()
     return out
+
+
+_ROWWISE_REDUCERS = (reducers.MeanReducer, reducers.AvgNonZeroReducer, reducers.ThresholdReducer,
+                     reducers.SumReducer)
+
+
+def _rowwise_triplet_ok(loss) -> bool:
+    """A plain TripletMarginLoss whose values can be computed triplet by triplet."""
+    if type(loss) is not losses.TripletMarginLoss or getattr(loss, "embedding_regularizer", None) is not None:
+        return False
+    if type(loss.reducer) not in _ROWWISE_REDUCERS:
+        return False
+    compute_mat = type(loss.distance).compute_mat
+    if compute_mat is LpDistance.compute_mat:
+        return loss.distance.p == 2
+    return compute_mat in (DotProductSimilarity.compute_mat, CosineSimilarity.compute_mat)
 
 
 def _check_nonneg(name, value, upper=None):
@@ -467,6 +485,36 @@ class HDMLLoss(ModuleWithRecords):
             a, p, n = a[keep], p[keep], n[keep]
         return a, p, n
 
+    def _triplet_syn_loss(self, syn_emb, syn_labels, syn_tuple):
+        """The wrapped loss on the synthetic triplets (B real rows + T synthetic negatives).
+
+        PML's TripletMarginLoss builds the full (B+T)² distance matrix to read 2T entries of it;
+        with thousands of mined triplets that matrix dominated the step. For a plain
+        TripletMarginLoss (Lp-2 / cosine / dot distance, a reducer that reads the losses only, no
+        embedding regulariser) the same per-triplet values are computed row-wise (tested against
+        PML's own path); any other loss runs as is.
+        """
+        loss = self.loss
+        if not _rowwise_triplet_ok(loss):
+            return loss(syn_emb, syn_labels, syn_tuple)
+        a, p, n = syn_tuple
+        dist = loss.distance
+        q = dist.maybe_normalize(syn_emb)
+        kind = "inner" if type(dist).compute_mat is not LpDistance.compute_mat else "euclidean"
+
+        def pair(i, j):
+            u, v = q[i], q[j]
+            val = (u * v).sum(1) if kind == "inner" else torch.linalg.vector_norm(u - v, dim=1)
+            return val**dist.power if dist.power != 1 else val
+
+        ap, an = pair(a, p), pair(a, n)
+        if loss.swap:
+            an = dist.smallest_dist(an, pair(p, n))
+        violation = dist.margin(ap, an) + loss.margin
+        per = tnf.softplus(violation) if loss.smooth_loss else tnf.relu(violation)
+        return loss.reducer({"loss": {"losses": per, "indices": syn_tuple, "reduction_type": "triplet"}},
+                            syn_emb, syn_labels)
+
     def _npair_syn_loss(self, anchors, cands, a_idx, labels):
         """N-pair CE where anchor i's candidates are row i of ``cands`` [N, N, D], target i."""
         dist = self.loss.distance
@@ -556,7 +604,7 @@ class HDMLLoss(ModuleWithRecords):
                     syn_emb = torch.cat([emb, z_neg], 0)
                     syn_labels = torch.cat([labels, labels[n_idx]], 0)
                     syn_tuple = (a_idx, p_idx, B + torch.arange(T, device=emb.device))
-                    j_syn = self.loss(syn_emb, syn_labels, syn_tuple)
+                    j_syn = self._triplet_syn_loss(syn_emb, syn_labels, syn_tuple)
                 else:
                     j_syn = self._npair_syn_loss(emb[a_idx], z_neg, a_idx, labels)
             else:
@@ -598,7 +646,7 @@ class HDMLLoss(ModuleWithRecords):
                     syn_emb = torch.cat([base, neg_emb], 0)
                     syn_labels = torch.cat([labels, labels[n_idx]], 0)
                     syn_tuple = (a_idx, p_idx, B + torch.arange(T, device=emb.device))
-                    j_syn = self.loss(syn_emb, syn_labels, syn_tuple)
+                    j_syn = self._triplet_syn_loss(syn_emb, syn_labels, syn_tuple)
                 else:
                     cands = neg_emb.reshape(T, T, -1)
                     if self.synthesize == "all":
