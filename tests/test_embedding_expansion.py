@@ -314,3 +314,19 @@ def test_expanded_pair_values_equal_the_full_matrix_entries(dist):
     cols = torch.randint(0, m, (20,), generator=torch.Generator().manual_seed(1))
     full = F.expanded_distance_matrix(x, ex, dist, True)
     assert torch.allclose(F.expanded_pair_values(x, ex, rows, cols, dist, True), full[rows, cols], atol=1e-9)
+
+
+def test_gram_function_gradients_and_double_backward():
+    """The one-product Gram backward is exact, twice differentiable, and runs under autocast."""
+    from pml_ext.functional.embedding_expansion import _Gram
+
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_Gram.apply, (x,))
+    assert torch.autograd.gradgradcheck(_Gram.apply, (x,))
+    y = torch.randn(6, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = _Gram.apply(y)
+    g.float().sum().backward()
+    assert y.grad.dtype == torch.float32
+    # d/dy sum(y yᵀ) = 2 · 1 1ᵀ y (bfloat16 forward, so a loose tolerance)
+    assert torch.allclose(y.grad, 2 * torch.ones(6, 6) @ y.detach(), rtol=2e-2, atol=2e-2)

@@ -452,6 +452,20 @@ class HardestPairs(NamedTuple):
     originals_mat: torch.Tensor  # [B, B] the distance on the batch, differentiable
 
 
+class _Gram(torch.autograd.Function):
+    """x xᵀ whose backward is one product, (g + gᵀ) x, instead of autograd's two."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x @ x.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return (g + g.t()).to(x.dtype) @ x  # differentiable ops: double backward still works
+
+
 def _argbest_swapped(search_t: torch.Tensor, inverted: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Slots (p, q) [C, C] of the best entry per class pair, from the search tensor with its last
     two dimensions swapped ([x, y, q, p]): one min/max over a [C, C, K·K] view."""
@@ -497,7 +511,7 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     if kind is None:
         return _hardest_from_full_matrix(embeddings, layout, distance, normalize)
     x = distance.maybe_normalize(embeddings)
-    gram = x @ x.t()
+    gram = _Gram.apply(x)
     gs = gram.index_select(0, layout.originals).index_select(1, layout.originals).view(c, k, c, k)
     w = layout.weights.to(gram.dtype)
     gcc = torch.diagonal(gs, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k] within-class blocks
