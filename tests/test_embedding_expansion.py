@@ -330,3 +330,23 @@ def test_gram_function_gradients_and_double_backward():
     assert y.grad.dtype == torch.float32
     # d/dy sum(y yᵀ) = 2 · 1 1ᵀ y (bfloat16 forward, so a loose tolerance)
     assert torch.allclose(y.grad, 2 * torch.ones(6, 6) @ y.detach(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("make_distance", [
+    lambda: distances.LpDistance(),
+    lambda: distances.LpDistance(normalize_embeddings=False),
+    lambda: distances.LpDistance(power=2),
+    lambda: distances.LpDistance(normalize_embeddings=False, power=2),
+    lambda: distances.CosineSimilarity(),
+    lambda: distances.DotProductSimilarity(),
+])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("classes", [(0, 0, 1, 1, 2, 2, 3, 3), (0, 0, 0, 1, 1, 2, 2, 2, 2, 3)])
+def test_gradcheck_hardened_matrix_every_distance(make_distance, normalize, classes):
+    """The hand-written backward of the selected pairs (and the one-product Gram backward)
+    against finite differences, for every Gram-shortcut distance, both normalisations, balanced
+    and unbalanced classes."""
+    x, y = batch(seed=41, classes=classes, dim=5)
+    miner = EmbeddingExpansionMiner(n_points=2, normalize=normalize, distance=make_distance())
+    assert torch.autograd.gradcheck(lambda t: miner.harden(t, y).hardened_matrix(), (x.clone().requires_grad_(True),),
+                                    eps=1e-6, atol=1e-5)

@@ -466,6 +466,61 @@ class _Gram(torch.autograd.Function):
         return (g + g.t()).to(x.dtype) @ x  # differentiable ops: double backward still works
 
 
+class _SelectedPairValues(torch.autograd.Function):
+    """The distance of the selected pair of every class pair, from the class-blocked Gram matrix.
+
+    Inputs: ``gs`` [C, k, C, k] Gram blocks; ``wr``/``wc`` [C, C, k] the selected points'
+    weights over their classes' originals (row point in class x, column point in class y);
+    ``syn_r``/``syn_c`` [C, C] whether that point is an L2-normalised synthetic point (EE Eq. 2);
+    ``same`` [C, C] the pair is one point. With r = wrᵀ G_xy wc, n = wᵀ G_xx w and s = n^(-1/2)
+    for normalised points (1 otherwise): inner = r·s_r·s_c; Euclidean: sqrt(n̂_r + n̂_c − 2·inner)
+    with n̂ = 1 for normalised points. The backward writes the three k x k outer products of each
+    pair into its Gram blocks directly, a fixed handful of batched ops (autograd through the same
+    formula needed ~90 small ops).
+    """
+
+    @staticmethod
+    def forward(ctx, gs, wr, wc, syn_r, syn_c, same, euclidean: bool, power):
+        gsp = gs.permute(0, 2, 1, 3)  # [x, y, i, j]
+        r = (wr.unsqueeze(-2) @ gsp @ wc.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        gcc = torch.diagonal(gs, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k]
+        n_r = (torch.bmm(wr, gcc) * wr).sum(-1)
+        wct = wc.transpose(0, 1)  # [y, x, k]
+        n_c = (torch.bmm(wct, gcc) * wct).sum(-1).t()
+        s_r = torch.where(syn_r, _safe_inverse(safe_sqrt(n_r)), torch.ones_like(n_r))
+        s_c = torch.where(syn_c, _safe_inverse(safe_sqrt(n_c)), torch.ones_like(n_c))
+        base = r * s_r * s_c
+        if euclidean:
+            base = safe_sqrt((n_r * s_r * s_r + n_c * s_c * s_c - 2 * base).masked_fill(same, 0))
+        ctx.save_for_backward(wr, wc, syn_r, syn_c, r, s_r, s_c, base)
+        ctx.euclidean, ctx.power, ctx.gs_shape = euclidean, power, gs.shape
+        return base**power if power != 1 else base
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u):
+        wr, wc, syn_r, syn_c, r, s_r, s_c, base = ctx.saved_tensors
+        if ctx.power != 1:
+            u = u * ctx.power * base ** (ctx.power - 1)
+        zero = torch.zeros_like(u)
+        if ctx.euclidean:
+            u_d2 = u * 0.5 * torch.where(base > 0, 1 / base.clamp_min(torch.finfo(base.dtype).tiny), zero)
+            u_inner = -2 * u_d2
+            u_nr, u_nc = torch.where(syn_r, zero, u_d2), torch.where(syn_c, zero, u_d2)  # n̂ = 1: constant
+        else:
+            u_inner, u_nr, u_nc = u, zero, zero
+        u_r = u_inner * s_r * s_c
+        # d s/d n = -s³/2 (s = 0 for a zero-norm point: no gradient)
+        u_nr = u_nr - torch.where(syn_r, 0.5 * s_r**3 * u_inner * r * s_c, zero)
+        u_nc = u_nc - torch.where(syn_c, 0.5 * s_c**3 * u_inner * r * s_r, zero)
+        grad = (u_r[..., None, None] * wr[..., :, None] * wc[..., None, :]).permute(0, 2, 1, 3).contiguous()
+        wct = wc.transpose(0, 1)  # [y, x, k]
+        diag = (torch.bmm((wr * u_nr[..., None]).transpose(1, 2), wr)
+                + torch.bmm((wct * u_nc.t()[..., None]).transpose(1, 2), wct))  # [C, k, k]
+        torch.diagonal(grad, dim1=0, dim2=2).add_(diag.permute(1, 2, 0))
+        return grad, None, None, None, None, None, None, None
+
+
 def _argbest_swapped(search_t: torch.Tensor, inverted: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Slots (p, q) [C, C] of the best entry per class pair, from the search tensor with its last
     two dimensions swapped ([x, y, q, p]): one min/max over a [C, C, K·K] view."""
@@ -514,15 +569,16 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     gram = _Gram.apply(x)
     gs = gram.index_select(0, layout.originals).index_select(1, layout.originals).view(c, k, c, k)
     w = layout.weights.to(gram.dtype)
-    gcc = torch.diagonal(gs, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k] within-class blocks
-    sq_raw = ((w @ gcc) * w).sum(-1)  # [C, K] squared norms before EE Eq. 2
-    scale = None
-    if normalize and layout.has_synthetic:
-        scale = torch.where(layout.synthetic_slot, _safe_inverse(safe_sqrt(sq_raw)), torch.ones_like(sq_raw))
+    normalizing = normalize and layout.has_synthetic
     with torch.no_grad():
-        wn = w if scale is None else w * scale.detach()[..., None]
-        sq = sq_raw.detach() if scale is None else sq_raw.detach() * scale.detach() ** 2
-        t = torch.bmm(wn, gs.detach().reshape(c, k, c * k))  # [x, p, (y, j)]
+        gs_d = gs.detach()
+        gcc = torch.diagonal(gs_d, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k] within-class blocks
+        sq = ((w @ gcc) * w).sum(-1)  # [C, K] squared norms before EE Eq. 2
+        wn = w
+        if normalizing:
+            scale = torch.where(layout.synthetic_slot, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
+            wn, sq = w * scale[..., None], sq * scale * scale
+        t = torch.bmm(wn, gs_d.reshape(c, k, c * k))  # [x, p, (y, j)]
         # r[y, x, p, q] = <slot p of x, slot q of y> = search[y, x, q, p] (the Gram is symmetric)
         r = torch.bmm(t.view(c * kk, c, k).transpose(0, 1), wn.transpose(1, 2)).view(c, c, kk, kk)
         valid = layout.valid_slot
@@ -539,17 +595,15 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
             search_t = search_t.masked_fill(~keep, float("-inf") if inverted else float("inf"))
         p_slot, q_slot = _argbest_swapped(search_t, inverted)
         ri, ci = layout.row_base + p_slot, layout.col_base + q_slot  # [C, C] flat slot indices
-    wr, wc = w.view(c * kk, k)[ri], w.view(c * kk, k)[ci]  # [C, C, k]
-    g = (wr[..., :, None] * gs.permute(0, 2, 1, 3) * wc[..., None, :]).sum((-2, -1))
-    if scale is not None:
-        sr, sc = scale.view(-1)[ri], scale.view(-1)[ci]
-        g = g * sr * sc
-    if kind == "euclidean":
-        nr, nc = sq_raw.view(-1)[ri], sq_raw.view(-1)[ci]
-        if scale is not None:
-            nr, nc = nr * sr * sr, nc * sc * sc
-        g = safe_sqrt((nr + nc - 2 * g).masked_fill(layout.class_eye & (p_slot == q_slot), 0))
-    hardest = g**distance.power if distance.power != 1 else g
+        wr, wc = w.view(c * kk, k)[ri], w.view(c * kk, k)[ci]  # [C, C, k]
+        if normalizing:
+            syn = layout.synthetic_slot.view(-1)
+            syn_r, syn_c = syn[ri], syn[ci]
+        else:
+            syn_r = syn_c = torch.zeros_like(p_slot, dtype=torch.bool)
+        same_point = layout.class_eye & (p_slot == q_slot)
+    hardest = _SelectedPairValues.apply(gs, wr, wc, syn_r, syn_c, same_point, kind == "euclidean",
+                                        distance.power)
     flat_slots = slots.view(-1)
     return HardestPairs(hardest, flat_slots[ri], flat_slots[ci], search_t.transpose(2, 3), inverted, slots,
                         _mat_from_gram(gram, kind, distance.power))
