@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 from types import SimpleNamespace
 from typing import Any, Dict, List

@@ -350,3 +350,23 @@ def test_gradcheck_hardened_matrix_every_distance(make_distance, normalize, clas
     miner = EmbeddingExpansionMiner(n_points=2, normalize=normalize, distance=make_distance())
     assert torch.autograd.gradcheck(lambda t: miner.harden(t, y).hardened_matrix(), (x.clone().requires_grad_(True),),
                                     eps=1e-6, atol=1e-5)
+
+
+def test_layout_cache_reuses_a_label_pattern_and_matches_the_uncached_path():
+    x, y = batch(seed=43, classes=(0, 0, 1, 1, 1, 2, 2, 0, 3, 3))
+    miner = EmbeddingExpansionMiner(n_points=2)
+    F.embedding_expansion._LAYOUT_CACHE.clear()
+    hb1 = miner.harden(x, y)
+    ids = torch.tensor([9, 2, 7, 5])
+    y2 = ids[y]  # the same pattern with other class ids (and another sorted order)
+    hb2 = miner.harden(x, y2)
+    assert len(F.embedding_expansion._LAYOUT_CACHE) == 1 and hb2.layout is hb1.layout
+    assert torch.equal(hb2.unique_labels, ids[hb1.unique_labels])
+    assert torch.equal(hb2.unique_labels[hb2.classes], y2)
+    assert torch.equal(hb2.hardened_matrix(), hb1.hardened_matrix())
+    uniq, cls = F.class_indices(y2)  # uncached, classes in sorted-label order
+    hp = F.hardest_negative_pairs(x, F.expand(y2, 2, "all", x.dtype), cls, len(uniq), distances.LpDistance(), True)
+    assert torch.allclose(F.hardened_pair_matrix(hp.originals_mat, cls, cls, hp.hardest), hb2.hardened_matrix(),
+                          atol=1e-12)
+    miner.harden(x, torch.arange(10) % 3)  # another pattern: its own layout
+    assert len(F.embedding_expansion._LAYOUT_CACHE) == 2

@@ -411,7 +411,7 @@ class BatchLayout:
 
 
 _LAYOUT_CACHE: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
-_LAYOUT_CACHE_SIZE = 32
+_LAYOUT_CACHE_SIZE = 8  # each holds a few [B, B] index tensors (plus the triplet lists when used)
 
 
 def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
@@ -428,7 +428,7 @@ def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
 
 def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
                  dtype: torch.dtype = torch.float32) -> BatchLayout:
-    """The :class:`BatchLayout` of a batch's labels, cached by label pattern (LRU, 32 entries)."""
+    """The :class:`BatchLayout` of a batch's labels, cached by label pattern (LRU, 8 entries)."""
     classes, c = first_appearance_classes(labels)
     key = (classes.cpu().numpy().tobytes(), n_points, pairs, str(labels.device), dtype)
     layout = _LAYOUT_CACHE.get(key)
@@ -560,7 +560,7 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     Euclidean distance decreases with the inner product, so the search runs on the inner
     products themselves (``search_inverted=True``) without square roots.
     """
-    ex, slots, b = layout.expanded, layout.slots, layout.expanded.num_originals
+    slots = layout.slots
     c, kk, k = layout.weights.shape
     kind = _gram_kind(distance)
     if kind is None:

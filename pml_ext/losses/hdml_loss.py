@@ -587,7 +587,6 @@ class HDMLLoss(ModuleWithRecords):
 
         terms: Dict[str, torch.Tensor] = {}
         gen_params = list(self.generator.parameters()) if self.use_generator else []
-        cls_params = list(self.classifier.parameters()) if self.use_generator else []
 
         if n_syn == 0:
             # degenerate batch: no synthetic tuple; zero losses connected to the graph

@@ -49,8 +49,10 @@ class EmbeddingExpansionMiner(BaseMiner):
 
     ``miner(embeddings, labels)`` returns PML's pair tuple ``(a1, p, a2, n)``: ``a1, p`` are the
     positive pairs of the batch; ``a2, n`` index the *expanded set* (originals ``0..B-1``, then
-    the synthetic points, in the order of :func:`pml_ext.functional.expand`) and give the hardest
-    pair of every ordered class pair. :meth:`harden` gives the differentiable hardest values that
+    the synthetic points, as in :attr:`HardenedBatch.expanded`: :func:`pml_ext.functional.expand`
+    of the batch's class indices, classes numbered by first appearance) and give the hardest
+    pair of every ordered class pair. Label-pattern structures are cached across batches
+    (:func:`pml_ext.functional.batch_layout`). :meth:`harden` gives the differentiable hardest values that
     :class:`pml_ext.losses.EmbeddingExpansionLoss` uses.
 
     Recorded statistics (``collect_stats=True``): ``num_synthetic``, ``num_class_pairs`` and
