@@ -370,3 +370,43 @@ def test_layout_cache_reuses_a_label_pattern_and_matches_the_uncached_path():
                           atol=1e-12)
     miner.harden(x, torch.arange(10) % 3)  # another pattern: its own layout
     assert len(F.embedding_expansion._LAYOUT_CACHE) == 2
+
+
+@pytest.mark.parametrize("make_distance", [lambda: distances.LpDistance(), lambda: distances.LpDistance(p=1),
+                                           lambda: distances.CosineSimilarity()])
+def test_search_in_memory_chunks_gives_the_same_pairs_and_statistics(monkeypatch, make_distance):
+    x, y = batch(seed=44, classes=(0, 0, 1, 1, 1, 2, 2, 0, 3, 3, 4, 4, 4, 4))
+    results = []
+    for entries in (1 << 24, 1):  # one chunk; one row class per chunk
+        monkeypatch.setattr(F.embedding_expansion, "_SEARCH_CHUNK_ENTRIES", entries)
+        miner = EmbeddingExpansionMiner(n_points=2, distance=make_distance(), collect_stats=True)
+        hb = miner.harden(x, y)
+        results.append((hb.hardest_rows, hb.hardest_cols, hb.hardest.detach(), miner.synthetic_selection_ratio))
+    (r1, c1, h1, s1), (r2, c2, h2, s2) = results
+    assert torch.equal(r1, r2) and torch.equal(c1, c2) and torch.equal(h1, h2) and s1 == s2
+
+
+@pytest.mark.parametrize("classes", [(0, 0, 1, 1, 2, 2, 3, 3), (0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4)])
+def test_selection_ratio_matches_brute_force(classes):
+    """synthetic_selection_ratio = fraction of class pairs whose hardest pair over the expanded
+    sets is strictly harder than the hardest pair over the originals (loops over the full matrix)."""
+    x, y = batch(seed=45, classes=classes, dim=3)  # low dimension: synthetic points often win
+    dist = distances.LpDistance()
+    miner = EmbeddingExpansionMiner(n_points=3, distance=dist, collect_stats=True)
+    miner.harden(x, y)
+    ex = F.expand(y, 3, "all", x.dtype)
+    full = F.expanded_distance_matrix(x, ex, dist, True)
+    labels = ex.labels.tolist()
+    orig = [not s for s in ex.is_synthetic.tolist()]
+    uniq = sorted(set(labels))
+    harder = []
+    for a in uniq:
+        for b in uniq:
+            if a == b:
+                continue
+            pairs = [(i, j) for i in range(len(labels)) for j in range(len(labels)) if labels[i] == a and labels[j] == b]
+            best_all = min(full[i, j].item() for i, j in pairs)
+            best_orig = min(full[i, j].item() for i, j in pairs if orig[i] and orig[j])
+            harder.append(best_all < best_orig - 1e-12)
+    assert 0 < sum(harder) < len(harder)  # the check is informative
+    assert miner.synthetic_selection_ratio == pytest.approx(sum(harder) / len(harder))

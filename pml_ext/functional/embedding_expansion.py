@@ -446,8 +446,9 @@ class HardestPairs(NamedTuple):
     hardest: torch.Tensor  # [C, C] differentiable
     rows: torch.Tensor  # [C, C] expanded-set index of the first point of the hardest pair
     cols: torch.Tensor  # [C, C] ... of the second point
-    search_mat: torch.Tensor  # [C, C, K, K] detached: [x, y, p, q] = slot p of x vs slot q of y
-    search_inverted: bool  # True when larger values of search_mat are harder
+    best: torch.Tensor  # [C, C] detached search value of the hardest pair (see search_inverted)
+    best_originals: Optional[torch.Tensor]  # [C, C] the same over originals only (if asked for)
+    search_inverted: bool  # True when larger search values are harder
     slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
     originals_mat: torch.Tensor  # [B, B] the distance on the batch, differentiable
 
@@ -521,13 +522,37 @@ class _SelectedPairValues(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def _argbest_swapped(search_t: torch.Tensor, inverted: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Slots (p, q) [C, C] of the best entry per class pair, from the search tensor with its last
-    two dimensions swapped ([x, y, q, p]): one min/max over a [C, C, K·K] view."""
-    c, _, k, _ = search_t.shape
+_SEARCH_CHUNK_ENTRIES = 1 << 24  # bound on the transient search block, in entries
+
+
+def _search_class_pairs(block, c: int, kk: int, inverted: bool, valid: Optional[torch.Tensor],
+                        originals: Optional[torch.Tensor]):
+    """Best slot pair of every class pair over a search tensor produced in row-class chunks.
+
+    ``block(lo, hi)`` returns the search values of row classes lo..hi-1 as [h, C, K, K] with the
+    last two dimensions swapped ([x, y, q, p]: slot q of column class y, slot p of row class x).
+    Chunks bound the transient memory to ``_SEARCH_CHUNK_ENTRIES`` (a loop over memory chunks,
+    one iteration for usual batches). Returns (p, q, best, best over originals only or None).
+    """
+    worst = float("-inf") if inverted else float("inf")
     reduce = torch.max if inverted else torch.min
-    flat = reduce(search_t.reshape(c, c, k * k), dim=2).indices
-    return flat % k, torch.div(flat, k, rounding_mode="floor")
+    step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, c * kk * kk))
+    ps, qs, bests, orig_bests = [], [], [], []
+    for lo in range(0, c, step):
+        hi = min(c, lo + step)
+        vals = block(lo, hi)
+        if valid is not None:
+            keep = valid[None, :, :, None] & valid[lo:hi, None, None, :]
+            vals = vals.masked_fill(~keep, worst)
+        best, flat = reduce(vals.reshape(hi - lo, c, kk * kk), dim=2)
+        ps.append(flat % kk)
+        qs.append(torch.div(flat, kk, rounding_mode="floor"))
+        bests.append(best)
+        if originals is not None:
+            keep = originals[None, :, :, None] & originals[lo:hi, None, None, :]
+            orig_bests.append(reduce(vals.masked_fill(~keep, worst).reshape(hi - lo, c, kk * kk), dim=2).values)
+    return (torch.cat(ps), torch.cat(qs), torch.cat(bests),
+            torch.cat(orig_bests) if originals is not None else None)
 
 
 def hardest_negative_pairs(
@@ -547,7 +572,7 @@ def hardest_negative_pairs(
 
 
 def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayout, distance,
-                                     normalize: bool = True) -> HardestPairs:
+                                     normalize: bool = True, originals_best: bool = False) -> HardestPairs:
     """EE's hard negative pair mining (§3.2) on a :class:`BatchLayout`.
 
     The search runs without autograd. Every synthetic point is a combination of its own class's
@@ -558,13 +583,14 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     B x B x d product serves the search, the selected values and the batch's own matrix). When
     every point is on the unit sphere (L2-normalising Lp distance, ``normalize=True``), the
     Euclidean distance decreases with the inner product, so the search runs on the inner
-    products themselves (``search_inverted=True``) without square roots.
+    products themselves (``search_inverted=True``) without square roots. ``originals_best``
+    also returns the best value per class pair over originals only (the miner's statistics).
     """
     slots = layout.slots
     c, kk, k = layout.weights.shape
     kind = _gram_kind(distance)
     if kind is None:
-        return _hardest_from_full_matrix(embeddings, layout, distance, normalize)
+        return _hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
     x = distance.maybe_normalize(embeddings)
     gram = _Gram.apply(x)
     gs = gram.index_select(0, layout.originals).index_select(1, layout.originals).view(c, k, c, k)
@@ -578,22 +604,24 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
         if normalizing:
             scale = torch.where(layout.synthetic_slot, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
             wn, sq = w * scale[..., None], sq * scale * scale
-        t = torch.bmm(wn, gs_d.reshape(c, k, c * k))  # [x, p, (y, j)]
-        # r[y, x, p, q] = <slot p of x, slot q of y> = search[y, x, q, p] (the Gram is symmetric)
-        r = torch.bmm(t.view(c * kk, c, k).transpose(0, 1), wn.transpose(1, 2)).view(c, c, kk, kk)
+        t = torch.bmm(wn, gs_d.reshape(c, k, c * k)).view(c * kk, c, k).transpose(0, 1)  # [y, (x, p), j]
+        wnt = wn.transpose(1, 2)  # [y, j, q]
         valid = layout.valid_slot
         on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
                      and bool(((sq > 0.5) if valid is None else ((sq > 0.5) | ~valid)).all()))
-        if on_sphere:
-            search_t, inverted = r, True
-        else:
+        inverted = True if on_sphere else distance.is_inverted
+
+        def block(lo, hi):
+            # r[y, x, p, q] = <slot p of x, slot q of y> = search[y, x, q, p] (the Gram is symmetric)
+            r = torch.bmm(t[lo:hi], wnt[lo:hi]).view(hi - lo, c, kk, kk)
+            if on_sphere:
+                return r
             if kind == "euclidean":
-                r = safe_sqrt(sq[None, :, :, None] + sq[:, None, None, :] - 2 * r)
-            search_t, inverted = (r**distance.power if distance.power != 1 else r), distance.is_inverted
-        if valid is not None:
-            keep = valid[None, :, :, None] & valid[:, None, None, :]
-            search_t = search_t.masked_fill(~keep, float("-inf") if inverted else float("inf"))
-        p_slot, q_slot = _argbest_swapped(search_t, inverted)
+                r = safe_sqrt(sq[None, :, :, None] + sq[lo:hi, None, None, :] - 2 * r)
+            return r**distance.power if distance.power != 1 else r
+
+        p_slot, q_slot, best, best_orig = _search_class_pairs(
+            block, c, kk, inverted, valid, layout.original_slot if originals_best else None)
         ri, ci = layout.row_base + p_slot, layout.col_base + q_slot  # [C, C] flat slot indices
         wr, wc = w.view(c * kk, k)[ri], w.view(c * kk, k)[ci]  # [C, C, k]
         if normalizing:
@@ -605,26 +633,25 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     hardest = _SelectedPairValues.apply(gs, wr, wc, syn_r, syn_c, same_point, kind == "euclidean",
                                         distance.power)
     flat_slots = slots.view(-1)
-    return HardestPairs(hardest, flat_slots[ri], flat_slots[ci], search_t.transpose(2, 3), inverted, slots,
+    return HardestPairs(hardest, flat_slots[ri], flat_slots[ci], best, best_orig, inverted, slots,
                         _mat_from_gram(gram, kind, distance.power))
 
 
-def _hardest_from_full_matrix(embeddings, layout: BatchLayout, distance, normalize) -> HardestPairs:
+def _hardest_from_full_matrix(embeddings, layout: BatchLayout, distance, normalize, originals_best=False
+                              ) -> HardestPairs:
     """Any other distance: its full [M, M] matrix over the explicit expanded set."""
     ex, slots, b = layout.expanded, layout.slots, layout.expanded.num_originals
     c, kk = slots.shape
     mat = expanded_distance_matrix(embeddings, ex, distance, normalize)
     with torch.no_grad():
-        search = _in_slot_order(mat.detach(), slots).view(c, kk, c, kk).permute(0, 2, 1, 3)
+        search = _in_slot_order(mat.detach(), slots).view(c, kk, c, kk).permute(0, 2, 3, 1)  # [x, y, q, p]
         inverted = distance.is_inverted
-        if layout.valid_slot is not None:
-            v = layout.valid_slot
-            search = search.masked_fill(~(v[:, None, :, None] & v[None, :, None, :]),
-                                        float("-inf") if inverted else float("inf"))
-        p_slot, q_slot = _argbest_swapped(search.transpose(2, 3), inverted)
+        p_slot, q_slot, best, best_orig = _search_class_pairs(
+            lambda lo, hi: search[lo:hi], c, kk, inverted, layout.valid_slot,
+            layout.original_slot if originals_best else None)
         flat_slots = slots.view(-1)
         rows, cols = flat_slots[layout.row_base + p_slot], flat_slots[layout.col_base + q_slot]
-    return HardestPairs(mat[rows, cols], rows, cols, search, inverted, slots, mat[:b, :b])
+    return HardestPairs(mat[rows, cols], rows, cols, best, best_orig, inverted, slots, mat[:b, :b])
 
 
 def hardened_pair_matrix(

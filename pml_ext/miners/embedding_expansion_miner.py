@@ -20,8 +20,8 @@ class HardenedBatch(NamedTuple):
     hardest_rows: torch.Tensor  # [C, C] expanded-set index of the hardest pair's first point
     hardest_cols: torch.Tensor  # [C, C] ... and of its second point
     expanded: F.ExpandedSet
-    search_mat: torch.Tensor  # [C, C, K, K] detached: slot p of class x vs slot q of class y
-    search_inverted: bool  # larger search_mat values are harder
+    best: torch.Tensor  # [C, C] detached search value of the hardest pair (see search_inverted)
+    search_inverted: bool  # larger search values are harder
     slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
     originals_mat: torch.Tensor  # [B, B] the distance on the batch (has grad)
     layout: F.BatchLayout  # the label-pattern structures (cached across batches)
@@ -81,12 +81,13 @@ class EmbeddingExpansionMiner(BaseMiner):
         """Differentiable per-class-pair hardest values over the expanded batch."""
         distance = self.distance if distance is None else distance
         layout = F.batch_layout(labels, self.n_points, self.pairs, embeddings.dtype)
-        hp = F.hardest_negative_pairs_in_layout(embeddings, layout, distance, self.normalize)
+        hp = F.hardest_negative_pairs_in_layout(embeddings, layout, distance, self.normalize,
+                                                originals_best=self.collect_stats)
         ex = layout.expanded._replace(labels=labels[layout.expanded.first])
         if self.collect_stats:
             self._record_stats(hp, layout)
         return HardenedBatch(layout.classes, labels[layout.first_index], hp.hardest, hp.rows, hp.cols, ex,
-                             hp.search_mat, hp.search_inverted, hp.slots, hp.originals_mat, layout)
+                             hp.best, hp.search_inverted, hp.slots, hp.originals_mat, layout)
 
     @torch.no_grad()
     def _record_stats(self, hp: F.HardestPairs, layout: F.BatchLayout):
@@ -96,17 +97,9 @@ class EmbeddingExpansionMiner(BaseMiner):
         if self.num_class_pairs == 0:
             self.synthetic_selection_ratio = 0.0
             return
-        # Hardest value per class pair over all points vs over originals only, both from the
-        # search tensor [x, y, p, q] (padding slots are neither).
-        worst = float("-inf") if hp.search_inverted else float("inf")
-        reduce = torch.amax if hp.search_inverted else torch.amin
-
-        def class_pair_best(keep):
-            masked = hp.search_mat.masked_fill(~(keep[:, None, :, None] & keep[None, :, None, :]), worst)
-            return reduce(masked, dim=(2, 3))
-
-        valid = layout.original_slot | layout.synthetic_slot
-        best, originals_only = class_pair_best(valid), class_pair_best(layout.original_slot)
+        # Hardest value per class pair over all points vs over originals only (both from the
+        # search, padding slots excluded).
+        best, originals_only = hp.best, hp.best_originals
         off_diag = ~layout.class_eye
         harder = best > originals_only if hp.search_inverted else best < originals_only
         self.synthetic_selection_ratio = float(harder[off_diag].float().mean())
