@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import torch
 from pytorch_metric_learning import losses, miners, reducers
 
 from pml_ext.functional import embedding_expansion as ee_functional
 from pml_ext.losses import EmbeddingExpansionLoss, HPHNTripletLoss
+
+from .memory import StepMemory
 
 LOSSES = {
     "TripletMarginLoss": lambda: losses.TripletMarginLoss(),
@@ -83,24 +86,15 @@ def time_pair(fa, fb, x, y, repeats: int, device: str):
     return tuple(time_interleaved([fa, fb], x, y, repeats, device))
 
 
-def peak_memory(f, x, y, device: str) -> int:
-    """Bytes of one forward+backward: the CUDA allocator's peak on GPU; on CPU (no allocator
-    statistics) the tensors autograd keeps for backward, the part that grows with the batch."""
+def peak_memory(f, x, y, device: str, memory: Optional[StepMemory]) -> Optional[int]:
+    """Bytes of one forward+backward: the CUDA allocator's peak on GPU; on CPU the growth of the
+    process's peak RSS (benchmarks/memory.py)."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step(f, x, y)
         return torch.cuda.max_memory_allocated() - base
-    seen = {}
-
-    def pack(t):
-        if t.device.type == "cpu" and t.untyped_storage().data_ptr() not in seen:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(f, x, y)
-    return sum(seen.values())
+    return memory.measure(lambda: step(f, x, y))
 
 
 def main(argv=None):
@@ -140,18 +134,24 @@ def main(argv=None):
 
 
 def scaling(args):
-    mem = "peak MB" if args.device.startswith("cuda") else "saved MB"  # CPU: saved for backward
-    print(f"{'loss':<20}{'B':>5}{'n':>4}{'plain ms':>10}{'EE ms':>10}{'ratio':>7}{'plain ' + mem:>16}{'EE ' + mem:>13}")
+    """Time over B and n first, then (it changes how the process allocates) peak memory."""
+    rows = []
     for name in ["MultiSimilarityLoss", "NPairsLoss"]:
         for b in (64, 128, 256, 512):
             x, y = batch(b, args.per_class, args.dim, args.device)
             for n in (0, 1, 2, 4, 8):
                 plain = LOSSES[name]()
                 ee = EmbeddingExpansionLoss(LOSSES[name](), n_points=n, pairs=args.pairs)
-                tp, te = time_pair(plain, ee, x, y, max(3, args.repeats // 2), args.device)
-                mp, me = peak_memory(plain, x, y, args.device), peak_memory(ee, x, y, args.device)
-                print(f"{name:<20}{b:>5}{n:>4}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>7.2f}"
-                      f"{mp / 2**20:>16.2f}{me / 2**20:>13.2f}")
+                tp, te = time_pair(plain, ee, x, y, max(3, args.repeats // 3), args.device)
+                rows.append((name, b, n, plain, ee, x, y, tp, te))
+    memory = None if args.device.startswith("cuda") else StepMemory()
+    print(f"{'loss':<20}{'B':>5}{'n':>4}{'plain ms':>10}{'EE ms':>10}{'ratio':>7}"
+          f"{'plain peak MB':>15}{'EE peak MB':>12}{'ratio':>7}")
+    for name, b, n, plain, ee, x, y, tp, te in rows:
+        mp = statistics.median(peak_memory(plain, x, y, args.device, memory) or 0 for _ in range(3))
+        me = statistics.median(peak_memory(ee, x, y, args.device, memory) or 0 for _ in range(3))
+        mem = f"{mp / 2**20:>15.2f}{me / 2**20:>12.2f}{me / mp if mp else float('nan'):>7.2f}"
+        print(f"{name:<20}{b:>5}{n:>4}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>7.2f}{mem}")
 
 
 if __name__ == "__main__":

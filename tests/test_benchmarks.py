@@ -138,3 +138,28 @@ def test_paper_protocol_smoke_on_tiny_cub(tmp_path):
     with pytest.raises(SystemExit, match="--data-root"):
         cfg2 = copy.deepcopy(load_config("cub_paper"))
         harness.train_cell(cfg2, "plain", "ms", 0, str(tmp_path / "run2"), progress=False)
+
+
+def _run_module(*args):
+    out = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_perf_ee_prints_side_by_side_ratios():
+    out = _run_module("benchmarks.perf_ee", "--batch", "16", "--dim", "8", "--repeats", "1", "--device", "cpu")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("TripletMarginLoss", "NPairsLoss"))]
+    assert len(rows) == 2
+    for row in rows:  # plain ms, EE ms, EE/plain, EE cold ms, cold/plain: ratios consistent with the times
+        plain, ee, ratio = map(float, row[1:4])
+        assert ratio == pytest.approx(ee / plain, rel=0.05, abs=0.01)  # printed with 2 decimals
+
+
+def test_perf_steps_runs_every_method_and_reports_memory():
+    out = _run_module("benchmarks.perf_steps", "--config", "quick", "--losses", "triplet", "--repeats", "2",
+                      "--warmup", "0", "--memory-repeats", "1", "--device", "cpu")
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("triplet ")}
+    assert set(rows) == {"plain", "ee", "hdml"}
+    assert float(rows["plain"][3]) == 1.0  # plain / plain
+    if os.path.exists("/proc/self/clear_refs"):
+        assert all(len(r) == 8 and float(r[6]) >= 0 for r in rows.values())  # peak MB measured
