@@ -604,15 +604,17 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
         if normalizing:
             scale = torch.where(layout.synthetic_slot, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
             wn, sq = w * scale[..., None], sq * scale * scale
-        t = torch.bmm(wn, gs_d.reshape(c, k, c * k)).view(c * kk, c, k).transpose(0, 1)  # [y, (x, p), j]
-        wnt = wn.transpose(1, 2)  # [y, j, q]
+        # t[a, (b, s), j] = Σ_i wn[b, s, i] G[b, i, a, j]: slot s of class b against original j of a
+        t = torch.bmm(wn, gs_d.reshape(c, k, c * k)).view(c * kk, c, k).transpose(0, 1)
+        wnt = wn.transpose(1, 2)  # [a, j, u]
         valid = layout.valid_slot
         on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
                      and bool(((sq > 0.5) if valid is None else ((sq > 0.5) | ~valid)).all()))
         inverted = True if on_sphere else distance.is_inverted
 
         def block(lo, hi):
-            # r[y, x, p, q] = <slot p of x, slot q of y> = search[y, x, q, p] (the Gram is symmetric)
+            # r[a, b, s, u] = <slot s of class b, slot u of class a>: row class a, column class b,
+            # column slot s, row slot u, the [x, y, q, p] layout _search_class_pairs reads
             r = torch.bmm(t[lo:hi], wnt[lo:hi]).view(hi - lo, c, kk, kk)
             if on_sphere:
                 return r
