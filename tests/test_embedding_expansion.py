@@ -377,7 +377,7 @@ def test_layout_cache_reuses_a_label_pattern_and_matches_the_uncached_path():
 def test_search_in_memory_chunks_gives_the_same_pairs_and_statistics(monkeypatch, make_distance):
     x, y = batch(seed=44, classes=(0, 0, 1, 1, 1, 2, 2, 0, 3, 3, 4, 4, 4, 4))
     results = []
-    for entries in (1 << 24, 1):  # one chunk; one row class per chunk
+    for entries in (1 << 22, 1):  # one chunk; one row class per chunk
         monkeypatch.setattr(F.embedding_expansion, "_SEARCH_CHUNK_ENTRIES", entries)
         miner = EmbeddingExpansionMiner(n_points=2, distance=make_distance(), collect_stats=True)
         hb = miner.harden(x, y)

@@ -522,7 +522,7 @@ class _SelectedPairValues(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-_SEARCH_CHUNK_ENTRIES = 1 << 24  # bound on the transient search block, in entries
+_SEARCH_CHUNK_ENTRIES = 1 << 22  # bound on the transient search block, in entries (16 MB in float32)
 
 
 def _search_class_pairs(block, c: int, kk: int, inverted: bool, valid: Optional[torch.Tensor],
@@ -551,6 +551,7 @@ def _search_class_pairs(block, c: int, kk: int, inverted: bool, valid: Optional[
         if originals is not None:
             keep = originals[None, :, :, None] & originals[lo:hi, None, None, :]
             orig_bests.append(reduce(vals.masked_fill(~keep, worst).reshape(hi - lo, c, kk * kk), dim=2).values)
+        del vals  # before the next chunk is made
     return (torch.cat(ps), torch.cat(qs), torch.cat(bests),
             torch.cat(orig_bests) if originals is not None else None)
 
