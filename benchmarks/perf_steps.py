@@ -42,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--losses", nargs="+", default=list(METHODS_OF), choices=list(METHODS_OF))
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=20, help="untimed training steps first")
-    ap.add_argument("--memory-repeats", type=int, default=5, help="steps per method for the peak memory")
+    ap.add_argument("--memory-repeats", type=int, default=15, help="steps per method for the peak memory")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)

@@ -147,6 +147,12 @@ def _rowwise_triplet_ok(loss) -> bool:
     return compute_mat in (DotProductSimilarity.compute_mat, CosineSimilarity.compute_mat)
 
 
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[idx] for thousands of mined tuples: index_select's backward is a vectorised index_add,
+    the [] gather's a serial accumulating index_put (several ms per HDML step on CPU)."""
+    return t.index_select(0, idx)
+
+
 def _check_nonneg(name, value, upper=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
         raise ValueError(f"{name} must be a real number, got {value!r}")
@@ -503,7 +509,7 @@ class HDMLLoss(ModuleWithRecords):
         kind = "inner" if type(dist).compute_mat is not LpDistance.compute_mat else "euclidean"
 
         def pair(i, j):
-            u, v = q[i], q[j]
+            u, v = _rows(q, i), _rows(q, j)
             val = (u * v).sum(1) if kind == "inner" else torch.linalg.vector_norm(u - v, dim=1)
             return val**dist.power if dist.power != 1 else val
 
@@ -571,7 +577,7 @@ class HDMLLoss(ModuleWithRecords):
             T = len(a_idx)
             if T > 0:
                 z_neg, coef, mask = HA.hardness_aware_negatives(
-                    emb[a_idx], emb[p_idx], emb[n_idx], self.alpha, j_avg, return_coefficients=True
+                    _rows(emb, a_idx), _rows(emb, p_idx), _rows(emb, n_idx), self.alpha, j_avg, return_coefficients=True
                 )
         else:
             a_idx, p_idx = lmu.convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)
@@ -579,7 +585,7 @@ class HDMLLoss(ModuleWithRecords):
             T = len(a_idx)
             if T > 0:
                 z_neg, coef, mask = HA.hardness_aware_npair_negatives(
-                    emb[a_idx], emb[p_idx], self.alpha, j_avg, return_coefficients=True
+                    _rows(emb, a_idx), _rows(emb, p_idx), self.alpha, j_avg, return_coefficients=True
                 )  # [N, N, D]
                 off = ~torch.eye(T, dtype=torch.bool, device=emb.device)
                 coef, mask = coef[off], mask[off]  # statistics over real negatives only
@@ -605,7 +611,7 @@ class HDMLLoss(ModuleWithRecords):
                     syn_tuple = (a_idx, p_idx, B + torch.arange(T, device=emb.device))
                     j_syn = self._triplet_syn_loss(syn_emb, syn_labels, syn_tuple)
                 else:
-                    j_syn = self._npair_syn_loss(emb[a_idx], z_neg, a_idx, labels)
+                    j_syn = self._npair_syn_loss(_rows(emb, a_idx), z_neg, a_idx, labels)
             else:
                 y_real = features.detach() if routed else features
                 D = emb.shape[1]
@@ -619,7 +625,7 @@ class HDMLLoss(ModuleWithRecords):
                 if self.tuple_mode == "triplet":
                     neg_labels = labels[n_idx]
                     if self.synthesize == "all":
-                        soft_in = torch.cat([recon_gen[a_idx], recon_gen[p_idx], syn_gen], 0)
+                        soft_in = torch.cat([_rows(recon_gen, a_idx), _rows(recon_gen, p_idx), syn_gen], 0)
                         soft_lab = torch.cat([labels[a_idx], labels[p_idx], neg_labels], 0)
                     else:
                         soft_in, soft_lab = syn_gen, neg_labels
@@ -633,7 +639,7 @@ class HDMLLoss(ModuleWithRecords):
                     )
                     if self.synthesize == "all":  # official genSoftmax: + CE on regenerated anchors
                         j_soft = j_soft + HA.hdml_soft_loss(
-                            self._classify(recon_gen[a_idx], routed), labels[a_idx], self.lambda_, self.softmax_factor
+                            self._classify(_rows(recon_gen, a_idx), routed), labels[a_idx], self.lambda_, self.softmax_factor
                         )
                     terms["J_soft"] = j_soft
                 terms["J_gen"] = terms["J_recon"] + terms["J_soft"]
@@ -649,11 +655,11 @@ class HDMLLoss(ModuleWithRecords):
                 else:
                     cands = neg_emb.reshape(T, T, -1)
                     if self.synthesize == "all":
-                        anchors = recon_emb[a_idx]
+                        anchors = _rows(recon_emb, a_idx)
                     else:
-                        anchors = emb[a_idx]
+                        anchors = _rows(emb, a_idx)
                         eye = torch.eye(T, dtype=torch.bool, device=emb.device).unsqueeze(-1)
-                        cands = torch.where(eye, emb[p_idx].unsqueeze(0).expand_as(cands), cands)
+                        cands = torch.where(eye, _rows(emb, p_idx).unsqueeze(0).expand_as(cands), cands)
                     j_syn = self._npair_syn_loss(anchors, cands, a_idx, labels)
 
         if self.use_generator:
