@@ -15,6 +15,7 @@ each with its ratio to the plain step measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from typing import Dict, List, Optional
@@ -44,6 +45,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--warmup", type=int, default=20, help="untimed training steps first")
     ap.add_argument("--memory-repeats", type=int, default=15, help="steps per method for the peak memory")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--hp", default=None,
+                    help='JSON merged into every method\'s hyper-parameters, e.g. \'{"hdml": {"alpha": 0.05, '
+                         '"max_synthetic_tuples": 256}}\'')
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     tcfg = cfg["train"]
@@ -59,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{'peak MB':>10}{'/ plain':>9}")
     results = {}
     for loss_name in args.losses:
-        hp = dict(cfg.get("defaults", {}).get(loss_name, {}))
+        hp = dict(cfg.get("defaults", {}).get(loss_name, {}), **(json.loads(args.hp) if args.hp else {}))
         runners = {}
         for method in METHODS_OF[loss_name]:
             torch.manual_seed(0)

@@ -100,17 +100,39 @@ def default_hdml_generator(embedding_size: int, feature_size: int, hidden_size: 
     )
 
 
-def _rng_state(device: torch.device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+class _RoutedCall(torch.autograd.Function):
+    """``module(x)`` computed once, returned twice: the first copy's gradient reaches only the
+    module's parameters, the second's only ``x`` (HDML's generator: J_gen trains the generator,
+    J_syn trains the embedding through it). One forward (BatchNorm statistics, dropout masks:
+    once) instead of two calls; the backward asks autograd for exactly the two gradients."""
 
+    @staticmethod
+    def forward(ctx, module, x, *params):
+        names = [n for n, _ in module.named_parameters()]
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(x.requires_grad)
+            p_in = [p.detach().requires_grad_(p.requires_grad) for p in params]
+            y = torch.func.functional_call(module, {**dict(module.named_buffers()), **dict(zip(names, p_in))},
+                                           (x_in,))
+        ctx.inner = (y, x_in, p_in)
+        out = y.detach()
+        return out, out.clone()
 
-def _set_rng_state(state, device: torch.device):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_params, g_input):
+        y, x_in, p_in = ctx.inner
+        trainable = [p for p in p_in if p.requires_grad]
+        grads = dict.fromkeys(range(len(p_in)))
+        if trainable and g_params is not None:
+            found = torch.autograd.grad(y, trainable, g_params, retain_graph=True, allow_unused=True)
+            grads.update(zip([i for i, p in enumerate(p_in) if p.requires_grad], found))
+        g_x = None
+        if x_in.requires_grad and g_input is not None:
+            # the inner graph lives as long as the outer one (ctx): the outer graph may be
+            # retained and differentiated again, term by term
+            (g_x,) = torch.autograd.grad(y, x_in, g_input, retain_graph=True, allow_unused=True)
+        return (None, g_x, *[grads[i] for i in range(len(p_in))])
 
 
 def _frozen_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -542,14 +564,7 @@ class HDMLLoss(ModuleWithRecords):
         if not routed:
             y = self.generator(z_in)
             return y, y
-        dev = z_in.device
-        state = _rng_state(dev)
-        y_gen = self.generator(z_in.detach())  # live params, detached input  -> J_gen only
-        after = _rng_state(dev)
-        _set_rng_state(state, dev)
-        y_met = _frozen_call(self.generator, z_in)  # frozen params, live input -> J_syn only
-        _set_rng_state(after, dev)
-        return y_gen, y_met
+        return _RoutedCall.apply(self.generator, z_in, *self.generator.parameters())
 
     def _classify(self, y, routed):
         return _frozen_call(self.classifier, y) if routed else self.classifier(y)
