@@ -639,14 +639,15 @@ class HDMLLoss(ModuleWithRecords):
                 terms["J_recon"] = HA.hdml_reconstruction_loss(recon_gen, y_real, self.lambda_)
                 if self.tuple_mode == "triplet":
                     neg_labels = labels[n_idx]
+                    logits = self._classify(syn_gen, routed)
+                    soft_lab = neg_labels
                     if self.synthesize == "all":
-                        soft_in = torch.cat([_rows(recon_gen, a_idx), _rows(recon_gen, p_idx), syn_gen], 0)
+                        # the classifier is row-wise: classify the B regenerated rows once and
+                        # gather their logits for the T anchors and positives (not 2T rows)
+                        recon_logits = self._classify(recon_gen, routed)
+                        logits = torch.cat([_rows(recon_logits, a_idx), _rows(recon_logits, p_idx), logits], 0)
                         soft_lab = torch.cat([labels[a_idx], labels[p_idx], neg_labels], 0)
-                    else:
-                        soft_in, soft_lab = syn_gen, neg_labels
-                    terms["J_soft"] = HA.hdml_soft_loss(
-                        self._classify(soft_in, routed), soft_lab, self.lambda_, self.softmax_factor
-                    )
+                    terms["J_soft"] = HA.hdml_soft_loss(logits, soft_lab, self.lambda_, self.softmax_factor)
                 else:
                     cand_labels = labels[p_idx].unsqueeze(0).expand(T, T).reshape(-1)
                     j_soft = HA.hdml_soft_loss(
