@@ -34,6 +34,7 @@ __all__ = [
     "hardest_negative_pairs_in_layout",
     "hardened_pair_matrix",
     "safe_sqrt",
+    "gram_kind",
 ]
 
 PAIR_MODES = ("all", "adjacent")
@@ -209,8 +210,9 @@ def division_points(
     return pts[ex.num_originals :], ex.labels[ex.num_originals :]
 
 
-def _gram_kind(distance) -> Optional[str]:
-    """Which distances allow the Gram-matrix shortcut (exactly PML's own compute_mat)."""
+def gram_kind(distance) -> Optional[str]:
+    """"inner" (dot / cosine) or "euclidean" (Lp, p = 2) when ``distance`` computes its matrix
+    exactly as PML's own classes do, so that it can be derived from inner products; else None."""
     from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 
     compute_mat = type(distance).compute_mat
@@ -244,7 +246,7 @@ def expanded_distance_matrix(
     ``normalize=False`` keeps the paper's ablation meaning. ``distance.power`` is applied.
     """
     x = distance.maybe_normalize(embeddings)
-    kind = _gram_kind(distance)
+    kind = gram_kind(distance)
     if kind is None:
         points = expanded_embeddings(x, ex, normalize)
         mat = distance.compute_mat(points, points)
@@ -348,7 +350,7 @@ def expanded_pair_values(
     Equals ``expanded_distance_matrix(...)[rows, cols]`` but, for inner-product distances,
     costs a few gathers from the B x B Gram matrix instead of an [M, M] graph.
     """
-    kind = _gram_kind(distance)
+    kind = gram_kind(distance)
     if kind is None:
         return expanded_distance_matrix(embeddings, ex, distance, normalize)[rows, cols]
     x = distance.maybe_normalize(embeddings)
@@ -401,6 +403,7 @@ class BatchLayout:
         self.class_eye = torch.eye(c, dtype=torch.bool, device=device)
         self.pair_index = classes[:, None] * c + classes[None, :]
         self.negative = classes[:, None] != classes[None, :]
+        self.positive = ~self.negative & ~torch.eye(b, dtype=torch.bool, device=device)  # same class, i != j
         self._extras: dict = {}
 
     def extra(self, name: str, build):
@@ -589,7 +592,7 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     """
     slots = layout.slots
     c, kk, k = layout.weights.shape
-    kind = _gram_kind(distance)
+    kind = gram_kind(distance)
     if kind is None:
         return _hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
     x = distance.maybe_normalize(embeddings)

@@ -112,8 +112,10 @@ class EmbeddingExpansionLoss(BaseMetricLossFunction):
                 setattr(distance, name, getattr(proxy, name, 0))
 
 
-_PLAIN_REDUCERS = (reducers.MeanReducer, reducers.AvgNonZeroReducer, reducers.ThresholdReducer,
-                   reducers.SumReducer)
+# PML reducers that read the per-tuple losses alone (not their indices' embeddings): a dense
+# path may produce the same losses its own way
+PLAIN_REDUCERS = (reducers.MeanReducer, reducers.AvgNonZeroReducer, reducers.ThresholdReducer,
+                  reducers.SumReducer)
 
 
 def _dense_loss(loss, indices_tuple):
@@ -128,7 +130,7 @@ def _dense_loss(loss, indices_tuple):
     """
     if indices_tuple is not None or getattr(loss, "embedding_regularizer", None) is not None:
         return None
-    if type(loss.reducer) not in _PLAIN_REDUCERS:
+    if type(loss.reducer) not in PLAIN_REDUCERS:
         return None
     if type(loss) is losses.TripletMarginLoss and loss.triplets_per_anchor == "all" and not loss.swap:
         return _dense_triplet
@@ -141,10 +143,8 @@ def _dense_loss(loss, indices_tuple):
 
 def _triplet_structure(layout: F.BatchLayout):
     """Positives of every anchor padded to P slots, and the (a, p, n) triplets in PML's order."""
-    classes = layout.classes
-    b = classes.numel()
-    pos = ~layout.negative & ~torch.eye(b, dtype=torch.bool, device=classes.device)
-    p = int(pos.sum(1).max()) if b else 0
+    pos = layout.positive
+    p = int(pos.sum(1).max()) if pos.numel() else 0
     if p == 0 or not bool(layout.negative.any()):
         return None
     pos_idx = torch.sort(pos.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :p]
@@ -167,11 +167,9 @@ def _dense_triplet(loss, hb: HardenedBatch, labels):
 
 def _pair_structure(layout: F.BatchLayout):
     """Positive pairs (a, p) in PML's order, or None when the batch has no positive or no negative."""
-    b = layout.classes.numel()
-    pos = ~layout.negative & ~torch.eye(b, dtype=torch.bool, device=layout.classes.device)
-    if not bool(pos.any()) or not bool(layout.negative.any()):
+    if not bool(layout.positive.any()) or not bool(layout.negative.any()):
         return None
-    return pos.nonzero(as_tuple=True)
+    return layout.positive.nonzero(as_tuple=True)
 
 
 def _dense_lifted(loss, hb: HardenedBatch, labels):
@@ -190,21 +188,13 @@ def _dense_lifted(loss, hb: HardenedBatch, labels):
 
 def _npair_structure(layout: F.BatchLayout):
     """PML's N-pair choice: for every class with a positive pair, its first two samples."""
-    members = _first_two_members(layout)
-    has_pair = members[:, 1] < layout.classes.numel()
+    c = layout.num_classes
+    members = layout.originals.view(c, -1)  # batch order inside each class
+    if members.shape[1] < 2:
+        empty = members.new_empty(0)
+        return empty, empty
+    has_pair = torch.bincount(layout.classes, minlength=c) > 1
     return members[has_pair, 0], members[has_pair, 1]
-
-
-def _first_two_members(layout: F.BatchLayout) -> torch.Tensor:
-    b, c = layout.classes.numel(), layout.num_classes
-    sorted_members = layout.originals.view(c, -1)  # batch order inside each class (clamped padding)
-    k = sorted_members.shape[1]
-    counts = torch.bincount(layout.classes, minlength=c)
-    out = torch.full((c, 2), b, dtype=torch.long, device=layout.classes.device)
-    out[:, 0] = sorted_members[:, 0]
-    if k > 1:
-        out[:, 1] = torch.where(counts > 1, sorted_members[:, 1], b)
-    return out
 
 
 def _dense_npairs(loss, hb: HardenedBatch, labels):

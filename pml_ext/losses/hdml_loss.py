@@ -11,13 +11,14 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as tnf
-from pytorch_metric_learning import losses, reducers
-from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+from pytorch_metric_learning import losses
 from pytorch_metric_learning.losses import NPairsLoss
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
 from ..functional import hardness_aware as HA
+from ..functional.embedding_expansion import gram_kind
+from .embedding_expansion_loss import PLAIN_REDUCERS
 
 __all__ = ["HDMLLoss", "RunningLossAverage", "default_hdml_generator"]
 
@@ -153,20 +154,14 @@ def _zero_from(tensors: Iterable[torch.Tensor], like: torch.Tensor) -> torch.Ten
     return out
 
 
-_ROWWISE_REDUCERS = (reducers.MeanReducer, reducers.AvgNonZeroReducer, reducers.ThresholdReducer,
-                     reducers.SumReducer)
-
-
-def _rowwise_triplet_ok(loss) -> bool:
-    """A plain TripletMarginLoss whose values can be computed triplet by triplet."""
+def _rowwise_triplet_kind(loss) -> Optional[str]:
+    """"inner" / "euclidean" when ``loss`` is a plain TripletMarginLoss whose values can be computed
+    triplet by triplet (the distances and reducers EE's dense paths accept), else None."""
     if type(loss) is not losses.TripletMarginLoss or getattr(loss, "embedding_regularizer", None) is not None:
-        return False
-    if type(loss.reducer) not in _ROWWISE_REDUCERS:
-        return False
-    compute_mat = type(loss.distance).compute_mat
-    if compute_mat is LpDistance.compute_mat:
-        return loss.distance.p == 2
-    return compute_mat in (DotProductSimilarity.compute_mat, CosineSimilarity.compute_mat)
+        return None
+    if type(loss.reducer) not in PLAIN_REDUCERS:
+        return None
+    return gram_kind(loss.distance)
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -523,12 +518,12 @@ class HDMLLoss(ModuleWithRecords):
         PML's own path); any other loss runs as is.
         """
         loss = self.loss
-        if not _rowwise_triplet_ok(loss):
+        kind = _rowwise_triplet_kind(loss)
+        if kind is None:
             return loss(syn_emb, syn_labels, syn_tuple)
         a, p, n = syn_tuple
         dist = loss.distance
         q = dist.maybe_normalize(syn_emb)
-        kind = "inner" if type(dist).compute_mat is not LpDistance.compute_mat else "euclidean"
 
         def pair(i, j):
             u, v = _rows(q, i), _rows(q, j)
