@@ -375,9 +375,7 @@ class BatchLayout:
         b, m, device = ex.num_originals, ex.labels.numel(), classes.device
         self.classes, self.num_classes, self.expanded = classes, num_classes, ex
         c = num_classes
-        arange_b = torch.arange(b, device=device)
-        self.first_index = torch.full((c,), b, dtype=torch.long, device=device).scatter_reduce(
-            0, classes, arange_b, "amin")
+        self.first_index = _first_positions(classes, c)
         originals = _class_slots(classes, c)  # [C, k]
         k = originals.shape[1]
         self.slots = _class_slots(classes[ex.first] if m else classes, c)  # [C, K]
@@ -417,13 +415,18 @@ _LAYOUT_CACHE: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
 _LAYOUT_CACHE_SIZE = 8  # each holds a few [B, B] index tensors (plus the triplet lists when used)
 
 
+def _first_positions(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[C] position of each class's first sample."""
+    b = classes.numel()
+    return torch.full((num_classes,), b, dtype=torch.long, device=classes.device).scatter_reduce(
+        0, classes, torch.arange(b, device=classes.device), "amin")
+
+
 def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """Class index of every sample, classes numbered in order of first appearance."""
     _, inverse = torch.unique(labels, return_inverse=True)
     c = int(inverse.max()) + 1 if labels.numel() else 0
-    b = labels.numel()
-    first = torch.full((c,), b, dtype=torch.long, device=labels.device).scatter_reduce(
-        0, inverse, torch.arange(b, device=labels.device), "amin")
+    first = _first_positions(inverse, c)
     rank = torch.empty_like(first)
     rank[first.argsort()] = torch.arange(c, device=labels.device)
     return rank[inverse], c
