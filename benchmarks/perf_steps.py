@@ -26,6 +26,7 @@ from pytorch_metric_learning import samplers
 
 from . import harness
 from .memory import StepMemory
+from .perf_ee import sync
 from .run import load_config
 
 METHODS_OF = {
@@ -106,11 +107,6 @@ def main(argv: Optional[List[str]] = None) -> None:
                 mem = f"{m / 2**20:>10.1f}{m / m_plain:>9.2f}"
             print(f"{loss_name:<9}{method:<8}{t * 1e3:>9.1f}{t / t_plain:>9.2f}"
                   f"{mean * 1e3:>10.1f}{mean / statistics.fmean(times['plain']):>9.2f}{mem}")
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def step_peak(memory: Optional[StepMemory], runner, x, y, device: str) -> Optional[int]:
