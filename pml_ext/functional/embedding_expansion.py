@@ -223,14 +223,14 @@ def gram_kind(distance) -> Optional[str]:
     return None
 
 
-def _mat_from_gram(g: torch.Tensor, kind: str, power, sq_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _mat_from_gram(g: torch.Tensor, kind: str, power) -> torch.Tensor:
     """A PML distance matrix from inner products of the same point set (squared norms: the
-    diagonal unless given).
+    diagonal).
 
     The diagonal is exactly 0 for Euclidean: n_i + n_i − 2·g_ii cancels exactly in floating point.
     """
     if kind == "euclidean":
-        sq_norms = torch.diagonal(g) if sq_norms is None else sq_norms
+        sq_norms = torch.diagonal(g)
         g = safe_sqrt(sq_norms[:, None] + sq_norms[None, :] - 2 * g)
     return g**power if power != 1 else g
 
