@@ -3,14 +3,16 @@
 Linux: the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over the
 RSS before the call, after returning freed memory to the OS (malloc_trim). Creating a
 StepMemory makes every large allocation its own mapping (mallopt), which slows allocation for
-the rest of the process: time first, then measure memory. On CUDA use
-torch.cuda.max_memory_allocated instead.
+the rest of the process: time first, then measure memory. ``peak_bytes`` uses the CUDA
+allocator's statistics on CUDA and a StepMemory on CPU.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 from typing import Optional
+
+import torch
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -55,3 +57,15 @@ class StepMemory:
         before = self._status_kb("VmRSS")
         fn()
         return (self._status_kb("VmHWM") - before) * 1024
+
+
+def peak_bytes(fn, device: str, memory: Optional[StepMemory]) -> Optional[int]:
+    """Peak memory of fn(): the CUDA allocator's peak over what was allocated before, or on CPU
+    ``memory.measure`` (create the StepMemory after all timing)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return memory.measure(fn)

@@ -22,7 +22,7 @@ from pytorch_metric_learning import losses, miners, reducers
 from pml_ext.functional import embedding_expansion as ee_functional
 from pml_ext.losses import EmbeddingExpansionLoss, HPHNTripletLoss
 
-from .memory import StepMemory
+from .memory import StepMemory, peak_bytes
 
 LOSSES = {
     "TripletMarginLoss": lambda: losses.TripletMarginLoss(),
@@ -89,12 +89,7 @@ def time_pair(fa, fb, x, y, repeats: int, device: str):
 def peak_memory(f, x, y, device: str, memory: Optional[StepMemory]) -> Optional[int]:
     """Bytes of one forward+backward: the CUDA allocator's peak on GPU; on CPU the growth of the
     process's peak RSS (benchmarks/memory.py)."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(f, x, y)
-        return torch.cuda.max_memory_allocated() - base
-    return memory.measure(lambda: step(f, x, y))
+    return peak_bytes(lambda: step(f, x, y), device, memory)
 
 
 def main(argv=None):

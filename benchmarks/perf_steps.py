@@ -25,7 +25,7 @@ import torch
 from pytorch_metric_learning import samplers
 
 from . import harness
-from .memory import StepMemory
+from .memory import StepMemory, peak_bytes
 from .perf_ee import sync
 from .run import load_config
 
@@ -95,7 +95,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         peaks: Dict[str, list] = {m: [] for m in methods}
         for r, (x, y) in enumerate(batches):
             for method in methods[r % len(methods):] + methods[:r % len(methods)]:
-                peaks[method].append(step_peak(memory, runners[method], x, y, args.device))
+                run = runners[method]
+                peaks[method].append(peak_bytes(lambda: harness.train_step(*run, x, y), args.device, memory))
         t_plain = statistics.median(times["plain"])
         m_plain = statistics.median(peaks["plain"]) if None not in peaks["plain"] else None
         for method in methods:
@@ -107,17 +108,6 @@ def main(argv: Optional[List[str]] = None) -> None:
                 mem = f"{m / 2**20:>10.1f}{m / m_plain:>9.2f}"
             print(f"{loss_name:<9}{method:<8}{t * 1e3:>9.1f}{t / t_plain:>9.2f}"
                   f"{mean * 1e3:>10.1f}{mean / statistics.fmean(times['plain']):>9.2f}{mem}")
-
-
-def step_peak(memory: Optional[StepMemory], runner, x, y, device: str) -> Optional[int]:
-    """Peak memory of one training step: the CUDA allocator's peak, or the CPU RSS peak growth."""
-    if memory is None:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        harness.train_step(*runner, x, y)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return memory.measure(lambda: harness.train_step(*runner, x, y))
 
 
 if __name__ == "__main__":
