@@ -371,7 +371,7 @@ def inspect_font(c: Candidate) -> Tuple[Optional[str], str, Optional[np.ndarray]
 # ----------------------------------------------------------------------------
 
 
-def render_font(c: Candidate, render_px: int, ink_threshold: int = 8):
+def render_font(c: Candidate, render_px: int, ink_threshold: int = 8, size: int = IMG):
     """Render the 62 glyphs of one font.
 
     All glyphs use one pixel size (``render_px`` per em) and are drawn with the
@@ -380,9 +380,10 @@ def render_font(c: Candidate, render_px: int, ink_threshold: int = 8):
     62 ink boxes in baseline coordinates (height: highest top to lowest bottom;
     width: the widest glyph); every glyph keeps its vertical position and is
     centred horizontally; the box is padded to a square with a 1-pixel (output)
-    margin and resized with a box filter to 32x32.
+    margin and resized with a box filter to ``size`` x ``size`` (32 for the data set; larger
+    for the pretrained-trunk protocol, see ``rerender``).
 
-    Returns (images uint8 [62,32,32], info dict) or raises ValueError with a
+    Returns (images uint8 [62,size,size], info dict) or raises ValueError with a
     reject reason.
     """
     from PIL import Image, ImageDraw, ImageFont
@@ -417,16 +418,17 @@ def render_font(c: Candidate, render_px: int, ink_threshold: int = 8):
     width = max(g[0].shape[1] for g in glyphs)
     height = bottom - top
     side = max(width, height)
-    inner = IMG - 2 * MARGIN_PX
-    full = int(np.ceil(side * IMG / inner))
+    margin = max(1, round(MARGIN_PX * size / IMG))
+    inner = size - 2 * margin
+    full = int(np.ceil(side * size / inner))
     off_y = (full - height) // 2
-    out = np.zeros((len(CHARS), IMG, IMG), np.uint8)
+    out = np.zeros((len(CHARS), size, size), np.uint8)
     for i, (crop, gt, gb) in enumerate(glyphs):
         canvas = np.zeros((full, full), np.uint8)
         y = off_y + (gt - top)
         x = (full - crop.shape[1]) // 2
         canvas[y:y + crop.shape[0], x:x + crop.shape[1]] = crop
-        out[i] = np.asarray(Image.fromarray(canvas).resize((IMG, IMG), Image.Resampling.BOX))
+        out[i] = np.asarray(Image.fromarray(canvas).resize((size, size), Image.Resampling.BOX))
     info = {"union_h_em": height / render_px, "union_w_em": width / render_px}
     return out, info
 
@@ -919,5 +921,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def rerender(argv: Optional[Sequence[str]] = None) -> int:
+    """Render the fonts of a built FontGlyphs file again at another image size.
+
+    Same fonts, labels, split and order as the built file (no filtering or de-duplication is
+    redone); every font's 32 x 32 render is first compared with the built file's images, so a
+    different font package or FreeType is an error rather than a silently different data set.
+    Used for the pretrained-trunk protocol, whose input is larger than 32 x 32.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(here)
+    ap = argparse.ArgumentParser(description=rerender.__doc__.split("\n")[0])
+    ap.add_argument("--debs-dir", required=True)
+    ap.add_argument("--work-dir", default="/tmp/fontglyphs-work")
+    ap.add_argument("--built", default=os.path.join(repo, "data/fontglyphs/fontglyphs.npz"))
+    ap.add_argument("--image-size", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    import PIL
+    from PIL import features
+
+    built = np.load(args.built)
+    meta = json.loads(str(built["metadata"]))
+    pkgs = unpack_debs(args.debs_dir, args.work_dir)
+    for name, version in meta["packages"].items():
+        if pkgs[name].version != version:
+            raise SystemExit(f"{name} is {pkgs[name].version}, the built file used {version}")
+    size, render_px = args.image_size, meta["render_px_per_em"]
+    big_px = max(render_px, 2 * size)  # at least 2 rendered pixels per output pixel
+    files, packs = built["font_files"], built["font_packages"]
+    images = np.zeros((len(files), len(CHARS), size, size), np.uint8)
+    t0 = time.time()
+    for f, (relpath, package) in enumerate(zip(files, packs)):
+        c = Candidate(str(package), str(relpath), os.path.join(pkgs[str(package)].root, str(relpath)))
+        small, _ = render_font(c, render_px)
+        expected = built["images"][built["font_labels"] == f]
+        if not np.array_equal(small, expected):
+            diff = np.abs(small.astype(int) - expected).max()
+            raise SystemExit(f"{package}:{relpath} renders differently from the built file (max |diff| {diff}); "
+                             "another package version or FreeType build?")
+        images[f], _ = render_font(c, big_px, size=size)
+        if f % 50 == 0:
+            print(f"{f}/{len(files)} fonts, {time.time() - t0:.0f}s", flush=True)
+    meta.update(image_size=size, render_px_per_em=big_px, rerendered_from=os.path.basename(args.built),
+                rerender_versions={"pillow": PIL.__version__, "freetype": features.version("freetype2")})
+    save_npz(args.out, images.reshape(-1, size, size), built["font_labels"], built["char_labels"],
+             built["font_names"], files, packs, built["train_classes"], built["test_classes"], meta)
+    print(f"{args.out}: {os.path.getsize(args.out) / 1e6:.1f} MB in {time.time() - t0:.0f}s")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "rerender":
+        sys.exit(rerender(sys.argv[2:]))
     sys.exit(main())

@@ -1,0 +1,378 @@
+"""The papers' regime on CPU: a pretrained trunk, long schedules, checkpoints chosen on validation.
+
+    python -m benchmarks.regime table --config fontglyphs_pretrained            # frozen trunk
+    python -m benchmarks.regime table --config fontglyphs_pretrained_finetune   # last stage trained
+    python -m benchmarks.regime train --config fontglyphs_pretrained --method ee --loss ms --seed 0
+    python -m benchmarks.regime report --config fontglyphs_pretrained
+    python -m benchmarks.regime table --config my.json --features my_features.npz   # any encoder
+
+Protocol ("A Metric Learning Reality Check"): the trunk's features (several augmented views per
+image) are computed once and cached (benchmarks/pretrained.py); a quarter of the TRAIN classes is
+held out for validation; every run trains past its best point, evaluates Recall@1 on a train
+subset, the validation classes and the test classes every ``eval_every`` iterations, and reports
+the test metrics of the checkpoint that is best on validation (never chosen on test). Tuning:
+the same grid for a base loss and its EE / HDML versions, one seed, validation R@1. Then every
+cell runs with 5 seeds; claims are paired per-seed differences with 95% confidence intervals.
+A run is the unit of resumption: results are written atomically per run, and a killed table
+continues with the runs that have no result yet.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from pytorch_metric_learning import samplers
+
+from . import harness
+from .pretrained import FeatureSet, cached_features, load_efficientnet_lite, load_features, split_trunk
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+CURVE_METRIC = "precision_at_1"  # = Recall@1
+FINAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "recall_at_1", "recall_at_2", "recall_at_4",
+                 "recall_at_8", "NMI", "F1")
+
+
+# ----------------------------------------------------------------------------- data
+def image_data(cfg: Dict[str, Any]):
+    """(get_image(i) -> PIL image, labels, is_test, data id) of the configured image data set."""
+    from PIL import Image
+
+    data = cfg["data"]
+    if data["name"] in ("fontglyphs", "iconthemes"):
+        path = data["path"]
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} not found: {data.get('how_to_build', 'build it first')}")
+        z = np.load(path, allow_pickle=False)
+        images = z["images"]
+        labels = z["font_labels"] if data["name"] == "fontglyphs" else z["labels"]
+        is_test = np.isin(labels, z["test_classes"])
+        mode = "L" if images.ndim == 3 else "RGB"
+        return (lambda i: Image.fromarray(images[i], mode)), labels.astype(np.int64), is_test, \
+            f"{data['name']}:{_digest(path)}"
+    from . import datasets as ds
+
+    classes = {"cub": ds.CUB200, "cars": ds.Cars196, "sop": ds.StanfordOnlineProducts,
+               "imagefolder": ds.ImageFolderSplit}
+    if data["name"] not in classes:
+        raise ValueError(f"unknown data set {data['name']!r}; expected fontglyphs, iconthemes or {sorted(classes)}")
+    root = data.get("root")
+    if not root:
+        raise SystemExit(f"config {cfg['name']!r} needs the data set directory: pass --data-root")
+    tr = classes[data["name"]](root, split="train", transform=None)
+    te = classes[data["name"]](root, split="test", transform=None)
+    # class ids of the two splits are renumbered from 0 each: keep them apart
+    labels = np.concatenate([np.asarray(tr.labels), np.asarray(te.labels) + max(tr.labels) + 1])
+    is_test = np.r_[np.zeros(len(tr), bool), np.ones(len(te), bool)]
+    get = lambda i: tr.load_image(i) if i < len(tr) else te.load_image(i - len(tr))  # noqa: E731
+    return get, labels.astype(np.int64), is_test, f"{data['name']}:{os.path.abspath(root)}:{len(labels)}"
+
+
+def _digest(path: str) -> str:
+    from .pretrained import _file_digest
+
+    return _file_digest(path)
+
+
+def feature_sets(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, FeatureSet]:
+    """{"pooled": ..., "maps": ...} (extracted or from the cache), or {"pooled": user features}."""
+    if cfg["data"]["name"] == "features":
+        return {"pooled": load_features(cfg["data"]["path"])}
+    get_image, labels, is_test, data_id = image_data(cfg)
+    return cached_features(cfg.get("cache_dir", "runs/cache"), data_id, get_image, labels, is_test, cfg["trunk"],
+                           progress=progress)
+
+
+def splits(fs: FeatureSet, val_seed: int) -> Dict[str, np.ndarray]:
+    """Indices of train (train classes minus validation), val (a seeded quarter of the train
+    classes) and test samples."""
+    train_idx = np.nonzero(~fs.is_test)[0]
+    is_val = harness.validation_mask(fs.labels[train_idx], val_seed)
+    return {"train": train_idx[~is_val], "val": train_idx[is_val], "test": np.nonzero(fs.is_test)[0]}
+
+
+# ----------------------------------------------------------------------------- models
+class Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def build_head(kind: str, feature_size: int, embedding_size: int) -> torch.nn.Module:
+    if kind == "linear":
+        return torch.nn.Linear(feature_size, embedding_size)
+    if kind == "mlp":
+        return torch.nn.Sequential(torch.nn.Linear(feature_size, feature_size), torch.nn.ReLU(),
+                                   torch.nn.Linear(feature_size, embedding_size))
+    raise ValueError(f"head must be 'linear' or 'mlp', got {kind!r}")
+
+
+def build_trunk(cfg: Dict[str, Any]) -> Tuple[torch.nn.Module, bool]:
+    """(trunk over the cached inputs, trained?): Identity on pooled features, or the pretrained tail."""
+    if cfg["mode"] == "frozen":
+        return Identity(), False
+    if cfg["mode"] != "finetune":
+        raise ValueError(f"mode must be 'frozen' or 'finetune', got {cfg['mode']!r}")
+    t = cfg["trunk"]
+    _, tail = split_trunk(load_efficientnet_lite(t.get("name", "efficientnet-lite0"), t["image_size"]),
+                          int(t.get("tail_blocks", 0)))
+    return tail, True
+
+
+def build_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, loss_name: str,
+              hp: Dict[str, Any], num_classes: int):
+    """(trunk, head, loss_fn, miner, is_hdml, optimizer) of one run; the trunk (the pretrained
+    tail when fine-tuning) is its own parameter group with ``trunk_lr``."""
+    tcfg = cfg["train"]
+    trunk, trunk_trained = build_trunk(cfg)
+    feature_size = fsets["pooled"].features.shape[-1] if cfg["mode"] == "frozen" else trunk.feature_size
+    emb_size = cfg["model"]["embedding_size"]
+    head = build_head(cfg["model"].get("head", "linear"), feature_size, emb_size)
+    loss_fn, miner, is_hdml = harness.build_method(method, loss_name, hp, feature_size, emb_size, num_classes)
+    head_params = list(head.parameters())
+    if is_hdml:  # HDML routes each term to its own group; the trunk is a metric-side group
+        groups = loss_fn.param_groups(head_params, metric_lr=tcfg["lr"], **hp.get("hdml_lr", {}))
+    else:
+        groups = [{"params": head_params, "lr": tcfg["lr"]}]
+    if trunk_trained:
+        groups.append({"params": list(trunk.parameters()), "lr": tcfg.get("trunk_lr", tcfg["lr"])})
+    for g in groups:
+        g["weight_decay"] = tcfg.get("weight_decay", 0.0)
+    return trunk, head, loss_fn, miner, is_hdml, torch.optim.Adam(groups)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def embed(trunk, head, inputs: torch.Tensor, idx: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
+    """L2-normalised embeddings of view 0 of ``idx``."""
+    trunk.eval()
+    head.eval()
+    out = []
+    for s in range(0, len(idx), batch_size):
+        x = inputs[torch.as_tensor(idx[s:s + batch_size]), 0].float()
+        out.append(head(trunk(x)))
+    trunk.train()
+    head.train()
+    return torch.nn.functional.normalize(torch.cat(out), dim=1)
+
+
+def retrieval_metrics(emb: torch.Tensor, labels: np.ndarray, include=(CURVE_METRIC,)) -> Dict[str, float]:
+    from pml_ext.utils import AccuracyCalculator
+
+    ks = tuple(int(m.rsplit("_", 1)[1]) for m in include if m.startswith("recall_at_"))
+    kwargs = {"recall_at_k": ks} if ks else {}
+    calc = AccuracyCalculator(include=tuple(include), k="max_bin_count", **kwargs)
+    res = calc.get_accuracy(emb, torch.as_tensor(labels), ref_includes_query=True)
+    return {k: float(v) for k, v in res.items()}
+
+
+# ----------------------------------------------------------------------------- one run
+def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, loss_name: str, seed: int,
+              run_dir: str, hp: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
+    """Train one cell past its best point; report the validation-best checkpoint's test metrics."""
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    tcfg = cfg["train"]
+    hp = dict(cfg.get("defaults", {}).get(loss_name, {}), **(hp or {}))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    fs = fsets["maps" if cfg["mode"] == "finetune" else "pooled"]
+    inputs = fs.features
+    parts = splits(fs, cfg.get("val_seed", 0))
+    tr_idx = parts["train"]
+    classes, tr_y = np.unique(fs.labels[tr_idx], return_inverse=True)
+    trunk, head, loss_fn, miner, is_hdml, optimizer = build_run(cfg, fsets, method, loss_name, hp, len(classes))
+
+    iters, every, bs = tcfg["iterations"], tcfg["eval_every"], tcfg["batch_size"]
+    sampler = samplers.MPerClassSampler(tr_y, m=tcfg["per_class"], batch_size=bs, length_before_new_iter=iters * bs)
+    order = np.asarray(list(iter(sampler)))[: iters * bs].reshape(iters, bs)
+    views = fs.views
+    view_gen = torch.Generator().manual_seed(seed)
+    rng = np.random.RandomState(seed)
+    train_probe = np.sort(rng.choice(tr_idx, size=min(len(tr_idx), len(parts["val"])), replace=False))
+    train_y = torch.as_tensor(tr_y)  # 0..C-1 over the training classes (HDML's classifier)
+
+    curve: List[Dict[str, float]] = []
+    best = {"val": -1.0, "iteration": 0, "state": None}
+    train_seconds, eval_seconds = 0.0, 0.0
+    bar = harness._progress(iters, 0, progress, f"{method}/{loss_name}/s{seed}")
+
+    def checkpoint(it: int):
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        point = {"iteration": it}
+        for part, idx in (("train", train_probe), ("val", parts["val"]), ("test", parts["test"])):
+            point[part] = retrieval_metrics(embed(trunk, head, inputs, idx), fs.labels[idx])[CURVE_METRIC]
+        curve.append(point)
+        if point["val"] > best["val"]:
+            best.update(val=point["val"], iteration=it,
+                        state=copy.deepcopy({"trunk": trunk.state_dict(), "head": head.state_dict()}))
+        eval_seconds += time.perf_counter() - t0
+
+    checkpoint(0)
+    loss_log = []
+    for it in range(iters):
+        t0 = time.perf_counter()
+        idx = torch.as_tensor(tr_idx[order[it]])
+        v = torch.randint(1, views, (bs,), generator=view_gen) if views > 1 else torch.zeros(bs, dtype=torch.long)
+        x, y = inputs[idx, v].float(), train_y[torch.as_tensor(order[it])]
+        loss = harness.train_step(trunk, head, loss_fn, miner, is_hdml, optimizer, x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{method}/{loss_name} seed {seed}: loss is {float(loss)} at iteration {it + 1}")
+        loss_log.append(float(loss.detach()))
+        train_seconds += time.perf_counter() - t0
+        bar.update(1)
+        if (it + 1) % every == 0 or it + 1 == iters:
+            checkpoint(it + 1)
+    bar.close()
+
+    trunk.load_state_dict(best["state"]["trunk"])
+    head.load_state_dict(best["state"]["head"])
+    test = retrieval_metrics(embed(trunk, head, inputs, parts["test"]), fs.labels[parts["test"]], FINAL_METRICS)
+    result = {
+        "config": cfg["name"], "mode": cfg["mode"], "method": method, "loss": loss_name, "seed": seed,
+        "hyper_parameters": hp, "metrics": test, "best_iteration": best["iteration"], "best_val": best["val"],
+        "curve": curve, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "loss_per_eval": [float(np.mean(loss_log[i:i + every])) for i in range(0, len(loss_log), every)],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    harness.atomic_write_json(result_path, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- tune + table
+def hp_tag(hp: Dict[str, Any]) -> str:
+    return "default" if not hp else "_".join(f"{k}={hp[k]}" for k in sorted(hp))
+
+
+def run_path(root: str, cfg, method: str, loss: str, hp: Dict[str, Any], seed: int) -> str:
+    return os.path.join(root, cfg["name"], f"{method}-{loss}", hp_tag(hp), f"seed{seed}")
+
+
+def grid(cfg, loss: str) -> List[Dict[str, Any]]:
+    g = cfg.get("tuning", {}).get(loss, {})
+    if not g:
+        return [{}]
+    keys = sorted(g)
+    import itertools
+
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(g[k] for k in keys))]
+
+
+def tune(cfg, fsets, root: str, progress: bool = True) -> Dict[str, Dict[str, Any]]:
+    """The grid of the base loss for every cell (same grid for plain / EE / HDML), seed
+    ``tuning.seed``, chosen by the best validation R@1 over the run's checkpoints."""
+    path = os.path.join(root, cfg["name"], "tuned.json")
+    seed = cfg.get("tuning", {}).get("seed", cfg["seeds"][0])
+    chosen = {}
+    for method, loss in cfg["cells"]:
+        scores = []
+        for hp in grid(cfg, loss):
+            r = train_run(cfg, fsets, method, loss, seed, run_path(root, cfg, method, loss, hp, seed), hp, progress)
+            scores.append((r["best_val"], hp))
+            print(f"tune {method}-{loss} {hp_tag(hp)}: val R@1 {100 * r['best_val']:.2f} at it {r['best_iteration']}",
+                  flush=True)
+        chosen[f"{method}-{loss}"] = max(scores, key=lambda s: s[0])[1]
+    harness.atomic_write_json(path, chosen)
+    return chosen
+
+
+def table(cfg, fsets, root: str, progress: bool = True) -> List[Dict[str, Any]]:
+    chosen = tune(cfg, fsets, root, progress)
+    results = []
+    for seed in cfg["seeds"]:
+        for method, loss in cfg["cells"]:
+            hp = chosen[f"{method}-{loss}"]
+            r = train_run(cfg, fsets, method, loss, seed, run_path(root, cfg, method, loss, hp, seed), hp, progress)
+            print(f"{method}-{loss} seed {seed}: test R@1 {100 * r['metrics']['precision_at_1']:.2f} "
+                  f"(best val at it {r['best_iteration']})", flush=True)
+            results.append(r)
+    return results
+
+
+def collect(cfg, root: str) -> List[Dict[str, Any]]:
+    """Results of the tuned hyper-parameters of every cell and seed that has finished."""
+    path = os.path.join(root, cfg["name"], "tuned.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        chosen = json.load(f)
+    out = []
+    for method, loss in cfg["cells"]:
+        for seed in cfg["seeds"]:
+            p = os.path.join(run_path(root, cfg, method, loss, chosen.get(f"{method}-{loss}", {}), seed), "result.json")
+            if os.path.exists(p):
+                with open(p) as f:
+                    out.append(json.load(f))
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from . import regime_report
+
+    ap = argparse.ArgumentParser(description="the pretrained-trunk regime (see the module docstring)")
+    ap.add_argument("command", choices=("extract", "tune", "table", "train", "report"))
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--features", help="a feature file (benchmarks/pretrained.py format) instead of extraction")
+    ap.add_argument("--data-root", help="folder of CUB/Cars/SOP/ImageFolder data")
+    ap.add_argument("--method", choices=harness.METHODS)
+    ap.add_argument("--loss", choices=harness.LOSSES)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--root", default="runs")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.features:
+        cfg["data"] = {"name": "features", "path": args.features}
+        cfg["mode"] = "frozen"
+    if args.data_root:
+        cfg["data"]["root"] = args.data_root
+    torch.set_num_threads(args.threads or cfg["train"].get("threads", torch.get_num_threads()))
+    progress = not args.no_progress
+    if args.command == "report":
+        regime_report.write(cfg, collect(cfg, args.root), os.path.join(args.root, cfg["name"]))
+        return 0
+    t0 = time.perf_counter()
+    fsets = feature_sets(cfg, progress)
+    print(f"features ready in {time.perf_counter() - t0:.0f}s: "
+          + ", ".join(f"{k} {tuple(v.features.shape)}" for k, v in fsets.items()), flush=True)
+    if args.command == "extract":
+        return 0
+    if args.command == "train":
+        if not (args.method and args.loss):
+            raise SystemExit("train needs --method and --loss")
+        r = train_run(cfg, fsets, args.method, args.loss, args.seed,
+                      run_path(args.root, cfg, args.method, args.loss, {}, args.seed), None, progress)
+        print(json.dumps(r["metrics"], indent=1), "best iteration", r["best_iteration"])
+        return 0
+    if args.command == "tune":
+        print(json.dumps(tune(cfg, fsets, args.root, progress), indent=1))
+        return 0
+    table(cfg, fsets, args.root, progress)
+    out = os.path.join(args.root, cfg["name"])
+    regime_report.write(cfg, collect(cfg, args.root), out)
+    print(f"whole command: {(time.perf_counter() - t0) / 60:.1f} min; report in {out}/table.md")
+    return 0
+
+
+def load_config(name_or_path: str) -> Dict[str, Any]:
+    from .run import load_config as _load
+
+    return _load(name_or_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
