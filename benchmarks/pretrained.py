@@ -28,10 +28,9 @@ import hashlib
 import importlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import resource
@@ -100,6 +99,23 @@ def splits(fs: FeatureSet, val_seed: int) -> Dict[str, np.ndarray]:
     return {"train": train_idx[~is_val], "val": train_idx[is_val], "test": np.nonzero(fs.is_test)[0]}
 
 
+def curve_probes(fs: FeatureSet, parts: Dict[str, np.ndarray], seed: int) -> Dict[str, np.ndarray]:
+    """The samples the curves are measured on: all validation classes, and as many classes of the
+    training split and of the test split (fixed by ``seed``, the same for every run), so that the
+    three curves are R@1 among equally many classes and show the generalisation gap directly.
+    The table's test metrics use every test class."""
+    n_val = len(np.unique(fs.labels[parts["val"]]))
+    out = {}
+    for part in ("train", "val", "test"):
+        idx = parts[part]
+        classes = np.unique(fs.labels[idx])
+        if part != "val" and len(classes) > n_val:
+            keep = np.random.RandomState(seed).choice(classes, size=n_val, replace=False)
+            idx = idx[np.isin(fs.labels[idx], keep)]
+        out[part] = idx
+    return out
+
+
 # ----------------------------------------------------------------------------- models
 class Identity(torch.nn.Module):
     def forward(self, x):
@@ -169,7 +185,8 @@ def retrieval_metrics(emb: torch.Tensor, labels: np.ndarray, include=(CURVE_METR
 
     ks = tuple(int(m.rsplit("_", 1)[1]) for m in include if m.startswith("recall_at_"))
     kwargs = {"recall_at_k": ks} if ks else {}
-    calc = AccuracyCalculator(include=tuple(include), k="max_bin_count", **kwargs)
+    k = 1 if tuple(include) == (CURVE_METRIC,) else "max_bin_count"  # MAP@R needs every same-class neighbour
+    calc = AccuracyCalculator(include=tuple(include), k=k, **kwargs)
     res = calc.get_accuracy(emb, torch.as_tensor(labels), ref_includes_query=True)
     return {k: float(v) for k, v in res.items()}
 
@@ -199,8 +216,7 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
     order = np.asarray(list(iter(sampler)))[: iters * bs].reshape(iters, bs)
     views = fs.views
     view_gen = torch.Generator().manual_seed(seed)
-    rng = np.random.RandomState(seed)
-    train_probe = np.sort(rng.choice(tr_idx, size=min(len(tr_idx), len(parts["val"])), replace=False))
+    probes = curve_probes(fs, parts, cfg.get("val_seed", 0))
     train_y = torch.as_tensor(tr_y)  # 0..C-1 over the training classes (HDML's classifier)
 
     curve: List[Dict[str, float]] = []
@@ -212,7 +228,7 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
         nonlocal eval_seconds
         t0 = time.perf_counter()
         point = {"iteration": it}
-        for part, idx in (("train", train_probe), ("val", parts["val"]), ("test", parts["test"])):
+        for part, idx in probes.items():
             point[part] = retrieval_metrics(embed(trunk, head, inputs, idx), fs.labels[idx])[CURVE_METRIC]
         curve.append(point)
         if point["val"] > best["val"]:
@@ -239,6 +255,7 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
 
     trunk.load_state_dict(best["state"]["trunk"])
     head.load_state_dict(best["state"]["head"])
+    harness.atomic_torch_save(dict(best["state"], iteration=best["iteration"]), os.path.join(run_dir, "best.pt"))
     test = retrieval_metrics(embed(trunk, head, inputs, parts["test"]), fs.labels[parts["test"]], FINAL_METRICS)
     result = {
         "config": cfg["name"], "mode": cfg["mode"], "method": method, "loss": loss_name, "seed": seed,
@@ -302,6 +319,39 @@ def table(cfg, fsets, root: str, progress: bool = True) -> List[Dict[str, Any]]:
     return results
 
 
+ABLATION = ([{"n_points": n} for n in (0, 1, 2, 4, 8)] + [{"n_points": 2, "normalize": False},
+                                                         {"n_points": 2, "pairs": "adjacent"}])
+
+
+def ablation(cfg, fsets, root: str, loss: str, seeds: List[int], progress: bool = True) -> str:
+    """EE's n (0 = hard negative pair mining without synthetic points), normalisation and pair
+    mode in this regime, on the tuned hyper-parameters of EE + ``loss``, against plain ``loss``."""
+    from .regime_report import fmt, mean_ci, paired
+
+    chosen = tune(cfg, fsets, root, progress)
+    plain = [train_run(cfg, fsets, "plain", loss, s, run_path(root, cfg, "plain", loss, chosen[f"plain-{loss}"], s),
+                       chosen[f"plain-{loss}"], progress) for s in seeds]
+    lines = [f"EE + {loss} ablation ({cfg['name']}, seeds {seeds}; tuned {chosen[f'ee-{loss}']}); Δ = paired by seed "
+             "against plain, mean ± 95% CI, percent", "",
+             "| variant | P@1 | MAP@R | Δ P@1 | Δ MAP@R | best it |", "|---|---|---|---|---|---|",
+             f"| plain | {fmt(*mean_ci([r['metrics']['precision_at_1'] for r in plain]))} | "
+             f"{fmt(*mean_ci([r['metrics']['mean_average_precision_at_r'] for r in plain]))} | | | "
+             f"{np.mean([r['best_iteration'] for r in plain]):.0f} |"]
+    for variant in ABLATION:
+        hp = dict(chosen[f"ee-{loss}"], **variant)
+        rs = [train_run(cfg, fsets, "ee", loss, s, run_path(root, cfg, "ee", loss, hp, s), hp, progress) for s in seeds]
+        name = ", ".join(f"{k}={v}" for k, v in variant.items())
+        lines.append(f"| EE {name} | {fmt(*mean_ci([r['metrics']['precision_at_1'] for r in rs]))} | "
+                     f"{fmt(*mean_ci([r['metrics']['mean_average_precision_at_r'] for r in rs]))} | "
+                     f"{fmt(*mean_ci(paired(plain, rs, 'precision_at_1')))} | "
+                     f"{fmt(*mean_ci(paired(plain, rs, 'mean_average_precision_at_r')))} | "
+                     f"{np.mean([r['best_iteration'] for r in rs]):.0f} |")
+    text = "\n".join(lines) + "\n"
+    harness.atomic_write_bytes(os.path.join(root, cfg["name"], f"ablation-{loss}.md"), text.encode())
+    print(text)
+    return text
+
+
 def collect(cfg, root: str) -> List[Dict[str, Any]]:
     """Results of the tuned hyper-parameters of every cell and seed that has finished."""
     path = os.path.join(root, cfg["name"], "tuned.json")
@@ -323,13 +373,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import regime_report
 
     ap = argparse.ArgumentParser(description="the pretrained-trunk regime (see the module docstring)")
-    ap.add_argument("command", choices=("extract", "tune", "table", "train", "report"))
+    ap.add_argument("command", choices=("extract", "tune", "table", "train", "report", "ablation"))
     ap.add_argument("--config", required=True)
     ap.add_argument("--features", help="a feature file (benchmarks/pretrained.py format) instead of extraction")
     ap.add_argument("--data-root", help="folder of CUB/Cars/SOP/ImageFolder data")
     ap.add_argument("--method", choices=harness.METHODS)
     ap.add_argument("--loss", choices=harness.LOSSES)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation seeds")
     ap.add_argument("--root", default="runs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
@@ -357,6 +408,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         r = train_run(cfg, fsets, args.method, args.loss, args.seed,
                       run_path(args.root, cfg, args.method, args.loss, {}, args.seed), None, progress)
         print(json.dumps(r["metrics"], indent=1), "best iteration", r["best_iteration"])
+        return 0
+    if args.command == "ablation":
+        if not args.loss:
+            raise SystemExit("ablation needs --loss")
+        ablation(cfg, fsets, args.root, args.loss, args.seeds, progress)
         return 0
     if args.command == "tune":
         print(json.dumps(tune(cfg, fsets, args.root, progress), indent=1))

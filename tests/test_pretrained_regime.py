@@ -161,8 +161,22 @@ def test_reported_checkpoint_is_the_validation_best(tmp_path, method):
     assert r["best_val"] == max(vals)
     best = r["curve"][int(np.argmax(vals))]  # the first maximum, as kept during training
     assert r["best_iteration"] == best["iteration"]
-    # the reported test R@1 is the test R@1 of that checkpoint, not of the last one
-    assert r["metrics"]["precision_at_1"] == pytest.approx(best["test"], abs=1e-9)
+    # the reported test R@1 is the test R@1 of that checkpoint, not of the last one (the curve's
+    # test probe holds as many test classes as validation has: 2 of 8 here; recompute both)
+    fs_parts = regime.splits(fs, 0)
+    probes = regime.curve_probes(fs, fs_parts, 0)
+    assert len(np.unique(fs.labels[probes["test"]])) == len(np.unique(fs.labels[probes["val"]])) == 4
+    state = torch.load(tmp_path / method / "best.pt", weights_only=False)
+    assert state["iteration"] == r["best_iteration"]
+    head = torch.nn.Linear(16, 8)
+    head.load_state_dict(state["head"])
+    for part, expected in (("test", best["test"]), ("val", best["val"])):
+        idx = probes[part]
+        got = regime.retrieval_metrics(regime.embed(regime.Identity(), head, fs.features, idx), fs.labels[idx])
+        assert got["precision_at_1"] == pytest.approx(expected, abs=1e-9)
+    full = regime.retrieval_metrics(regime.embed(regime.Identity(), head, fs.features, fs_parts["test"]),
+                                    fs.labels[fs_parts["test"]], regime.FINAL_METRICS)
+    assert full == pytest.approx(r["metrics"], abs=1e-9)
     assert set(regime.FINAL_METRICS) <= set(r["metrics"])
     assert len(r["curve"]) == 40 // 5 + 1
     # resumable at run granularity: a finished run is read back, not re-trained
