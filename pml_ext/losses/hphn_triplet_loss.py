@@ -8,6 +8,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import functional as F
+from ..utils.distributed import in_rank_order
 from .embedding_expansion_loss import _check_batch
 
 __all__ = ["HPHNTripletLoss"]
@@ -65,6 +66,8 @@ class HPHNTripletLoss(BaseMetricLossFunction):
                 "is not supported"
             )
         _check_batch(embeddings, labels)
+        # under PML's DistributedLossWrapper: rank order, so adjacent pairs match one process
+        embeddings, labels, _ = in_rank_order(self, embeddings, labels)
         return super().forward(embeddings, labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
