@@ -183,6 +183,22 @@ def test_reference_set_snippet_with_pml_losses_and_miners():
     assert bool((n >= len(y)).any()) and bool((p < len(y)).all())
 
 
+def test_readme_snippets_run():
+    """The README's 'Public classes' code blocks, in order (the last one is the reference-set
+    snippet), on a small batch."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Public classes"):text.index("## Tests")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2 and "miner.expand" in blocks[-1]
+    scope = {}
+    for code in blocks:
+        exec(code.replace("torch.randn(128, 512", "torch.randn(32, 16").replace(
+            "torch.arange(32).repeat_interleave(4)", "torch.arange(8).repeat_interleave(4)"), scope)
+    assert torch.isfinite(scope["loss"]) and scope["hard"][0].numel() > 0
+
+
 def test_hphn_and_batch_hard_over_the_reference_set():
     """n_points=0: HPHN is BatchHard + Triplet. With synthetic points they differ (measured): HPHN
     takes its positives from originals only and its anchors' group includes the synthetic points
