@@ -205,6 +205,9 @@ def test_miner_without_a_reference_set_says_how_to_use_it():
         miner(x, y)
     with pytest.raises(ValueError, match="expanded set"):  # a reference set that is not the expansion
         miner(x, y, x[:4], y[:4])
+    ref_emb, _ = miner.expand(x, y)
+    with pytest.raises(ValueError, match="expanded set"):  # no reference labels
+        miner(x, y, ref_emb)
 
 
 def test_gradients_reach_originals_through_selected_pair():

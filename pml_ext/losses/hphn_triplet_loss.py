@@ -59,7 +59,10 @@ class HPHNTripletLoss(BaseMetricLossFunction):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if ref_emb is not None or ref_labels is not None:
-            raise ValueError("HPHNTripletLoss does not support ref_emb/ref_labels")
+            raise ValueError(
+                "HPHNTripletLoss does not support ref_emb/ref_labels: it expands and mines within "
+                "one batch (with PML's DistributedLossWrapper use efficient=False)"
+            )
         if indices_tuple is not None:
             raise ValueError(
                 "HPHNTripletLoss mines its own hardest positives and negatives; indices_tuple "

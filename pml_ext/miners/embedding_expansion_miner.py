@@ -130,7 +130,7 @@ class EmbeddingExpansionMiner(BaseMiner):
         layout = F.batch_layout(labels, self.n_points, self.pairs, embeddings.dtype)
         ex, b = layout.expanded, labels.numel()
         m = ex.labels.numel()
-        if ref_emb.shape[0] != m or not torch.equal(ref_labels, labels[ex.first]):
+        if ref_labels is None or ref_emb.shape[0] != m or not torch.equal(ref_labels, labels[ex.first]):
             raise ValueError(
                 f"ref_emb must be the expanded set miner.expand(embeddings, labels) ({m} rows with "
                 f"its labels), got {ref_emb.shape[0]} rows. " + _HOW_TO_USE
