@@ -21,10 +21,10 @@ squared-distance hinge terms, margin 1). PML's TripletMarginLoss here is a mean 
 triplets with margin 0.2 on normalised embeddings (values ~0.05-0.3), so the default alpha is
 scaled down to that range (``--alpha``).
 
-    /work/venv/bin/python benchmarks/hdml_short_run.py                 # ~45 s CPU time on 1 thread (wall time more on a busy machine)
-    /work/venv/bin/python benchmarks/hdml_short_run.py --beta 0        # metric params see J_m only
-    /work/venv/bin/python benchmarks/hdml_short_run.py --no-generator  # hardness-aware negatives only
-    /work/venv/bin/python benchmarks/hdml_short_run.py --data digits --steps 320 --out /tmp/hdml.csv
+    python benchmarks/hdml_short_run.py                 # ~45 s CPU time on 1 thread (wall time more on a busy machine)
+    python benchmarks/hdml_short_run.py --beta 0        # metric params see J_m only
+    python benchmarks/hdml_short_run.py --no-generator  # hardness-aware negatives only
+    python benchmarks/hdml_short_run.py --data digits --steps 320 --out /tmp/hdml.csv
 
 Reference numbers (FontGlyphs subset, 120 train / 60 test fonts, batch 8x8, 1024 steps, seed 0,
 1 thread, ~41-44 s CPU): J_avg 0.173 (block 2) -> 0.082 (block 16); exp(-alpha/J_avg) 0.75 -> 0.54; mean

@@ -56,11 +56,28 @@ def googlenet_trunk(weights_path: Optional[str] = None) -> Tuple[nn.Module, int]
         if not os.path.exists(weights_path):
             raise FileNotFoundError(f"GoogLeNet weights file not found: {weights_path}")
         state = torch.load(weights_path, map_location="cpu")
-        state = {k: v for k, v in state.items() if not k.startswith("aux")}
-        model.load_state_dict(state, strict=False)
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{weights_path} is not a GoogLeNet state_dict (a dict of tensors)")
+        state = {k: v for k, v in state.items() if not k.startswith("aux")}  # unused aux heads
+        _load_strict(model, state, weights_path)
     model.fc = nn.Identity()
     model.dropout = nn.Identity()
     return model, 1024
+
+
+def _load_strict(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict that refuses a file whose keys are not exactly the model's: a wrong
+    weights file would otherwise leave layers at their random initialisation."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match torchvision's GoogLeNet: {len(missing)} missing keys "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    model.load_state_dict(state, strict=True)  # shape mismatches raise here, naming the key
 
 
 def build_model(kind: str, embedding_size: int, weights_path: Optional[str] = None):

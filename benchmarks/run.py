@@ -1,4 +1,4 @@
-"""pml-ext-bench: train, tune and tabulate the EE / HDML comparison.
+"""python -m benchmarks.run: train, tune and tabulate the EE / HDML comparison.
 
     python -m benchmarks.run table --config quick             # a few minutes, embedded data
     python -m benchmarks.run table --config fontglyphs_cpu    # the CPU protocol, 3 seeds
@@ -138,7 +138,7 @@ def cmd_report(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="pml-ext-bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("train", "table", "tune", "report"):

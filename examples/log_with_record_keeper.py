@@ -9,8 +9,8 @@ What it shows
       ``num_synthetic`` / ``num_class_pairs`` / ``synthetic_selection_ratio``) on objects built
       with ``collect_stats=True`` (or with ``pytorch_metric_learning.utils.common_functions
       .COLLECT_STATS = True``); without it they stay 0.
-    * record-keeper does not look inside submodules, so ``EmbeddingExpansionLoss`` mirrors its
-      internal EE miner's statistics on itself: passing the loss is enough.
+    * ``EmbeddingExpansionLoss`` records EE's statistics on itself, once (its internal EE miner
+      is not a submodule): passing the loss is enough.
       ``synthetic_selection_ratio`` is the share of class pairs whose hardest negative pair
       involves a synthetic point (EE paper, Fig. 5).
     * the loss value itself is not an attribute of a PML loss: it is logged as a plain number

@@ -65,11 +65,33 @@ def pair_value(u, v, kind):
         return sum(abs(float(a) - float(b)) for a, b in zip(u, v))
     if kind in ("cos", "dot"):
         return sum(float(a) * float(b) for a, b in zip(u, v))
+    if kind == "snr":  # PML's SNRDistance: var(u - v) / var(u), unbiased variances (asymmetric)
+        def var(w):
+            w = [float(t) for t in w]
+            mean = sum(w) / len(w)
+            return sum((t - mean) ** 2 for t in w) / (len(w) - 1)
+
+        return var([a - b for a, b in zip(u, v)]) / var(u)
     raise ValueError(kind)
 
 
-INVERTED = {"l2": False, "l2raw": False, "l2sq": False, "l1": False, "cos": True, "dot": True}
-NORMALIZES = {"l2": True, "l2raw": False, "l2sq": True, "l1": True, "cos": True, "dot": False}
+INVERTED = {"l2": False, "l2raw": False, "l2sq": False, "l1": False, "cos": True, "dot": True, "snr": False}
+NORMALIZES = {"l2": True, "l2raw": False, "l2sq": True, "l1": True, "cos": True, "dot": False, "snr": True}
+
+
+def kind_of(distance) -> str:
+    """The pair_value kind of a PML distance object (its settings as PML's defaults give them)."""
+    name = type(distance).__name__
+    if name == "SNRDistance" and distance.normalize_embeddings and distance.power == 1:
+        return "snr"
+    if name in ("CosineSimilarity", "DotProductSimilarity") and distance.power == 1:
+        return "cos" if distance.normalize_embeddings else "dot"
+    if name == "LpDistance":
+        key = (distance.p, distance.power, distance.normalize_embeddings)
+        kinds = {(2, 1, True): "l2", (2, 1, False): "l2raw", (2, 2, True): "l2sq", (1, 1, True): "l1"}
+        if key in kinds:
+            return kinds[key]
+    raise ValueError(f"no brute-force reference for {distance!r}")
 
 
 def hardened_matrix(x, labels, n, normalize, pairs, kind):

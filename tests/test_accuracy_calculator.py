@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -407,25 +406,54 @@ def test_explicit_k() -> None:
     x, y = clustered(100, 5, 4, 3)
     knn = RecordingKNN()
     AccuracyCalculator(include=("recall_at_4",), k=10, knn_func=knn, device=CPU).get_accuracy(x, y)
+    assert knn.ks[-1] == 4  # k is PML's k: recall alone reads 4 neighbours
+    AccuracyCalculator(include=("recall_at_4", "mean_average_precision"), k=10, knn_func=knn,
+                       device=CPU).get_accuracy(x, y)
     assert knn.ks[-1] == 10
-    with pytest.raises(ValueError, match="smaller than the largest requested recall K"):
-        AccuracyCalculator(recall_at_k=(1, 10, 100), k=50, device=CPU)
-    # only the recall metrics that are actually requested count
-    AccuracyCalculator(recall_at_k=(1, 10, 100), include=("recall_at_1", "recall_at_10"), k=50, device=CPU)
+    # k < the largest recall K: recall still looks at K neighbours, PML's metrics at k
+    res = AccuracyCalculator(recall_at_k=(1, 10, 60), include=("recall_at_60", "mean_reciprocal_rank"), k=5,
+                             knn_func=knn, device=CPU).get_accuracy(x, y)
+    assert knn.ks[-1] == 60
+    pml = PMLAccuracyCalculator(include=("mean_reciprocal_rank", "precision_at_1"), k=5, device=CPU).get_accuracy(x, y)
+    assert res["mean_reciprocal_rank"] == pml["mean_reciprocal_rank"]
     max_bin = int(torch.bincount(y).max())
     AccuracyCalculator(include=("recall_at_1",), k="max_bin_count", knn_func=knn, device=CPU).get_accuracy(x, y)
+    assert knn.ks[-1] == 1  # no PML k-NN metric requested: only what recall reads
+    AccuracyCalculator(include=("recall_at_1", "r_precision"), k="max_bin_count", knn_func=knn,
+                       device=CPU).get_accuracy(x, y)
     assert knn.ks[-1] == max_bin - 1
     AccuracyCalculator(recall_at_k=(1, 90), include=("recall_at_90",), k="max_bin_count", knn_func=knn, device=CPU).get_accuracy(x, y)
     assert knn.ks[-1] == 90
 
 
-def test_k_dependent_pml_metrics_warn_once(caplog: pytest.LogCaptureFixture) -> None:
-    x, y = clustered(60, 5, 4, 4)
-    calc = AccuracyCalculator(include=("mean_reciprocal_rank", "recall_at_1"), device=CPU)
-    with caplog.at_level(logging.WARNING):
-        calc.get_accuracy(x, y)
-        calc.get_accuracy(x, y)
-    assert sum("depend on k" in r.message for r in caplog.records) == 1
+PML_KNN_NAMES = ("precision_at_1", "mean_average_precision", "mean_average_precision_at_r", "r_precision",
+                 "mean_reciprocal_rank")
+
+
+@pytest.mark.parametrize("k", [None, "max_bin_count", 3, 40, 1000])
+@pytest.mark.parametrize("same_set", [True, False])
+@pytest.mark.parametrize("recall_k", [(1, 2, 4, 8), (1, 100)])
+def test_every_pml_metric_equals_pml_for_every_k(k, same_set, recall_k) -> None:
+    """PML's metrics are computed on PML's k neighbours, whatever recall K needs (issue: MAP was
+    0.4895 vs PML's 0.5669 with k=None)."""
+    x, y = clustered(160, 10, 8, 7, noise=1.3)
+    args = (x, y) if same_set else (x[:60], y[:60], x[60:], y[60:], False)
+    names = PML_KNN_NAMES
+    # k beyond the reference set: PML indexes faiss's -1 fillers (MAP 6.7 here); ours caps k at the
+    # reference set, which is PML's k=None
+    pml = PMLAccuracyCalculator(include=names, k=None if k == 1000 else k, device=CPU).get_accuracy(*args)
+    recalls = tuple(f"recall_at_{K}" for K in recall_k)
+    for include in (names + recalls, recalls + (names[0],), (names[1],) + recalls[-1:], (names[2],), (names[4],)):
+        ours = AccuracyCalculator(include=include, k=k, recall_at_k=recall_k, device=CPU).get_accuracy(*args)
+        for name in include:
+            if name in pml:
+                assert ours[name] == pytest.approx(pml[name], abs=1e-12), (name, include)
+    full = AccuracyCalculator(include=recalls, k=k, recall_at_k=recall_k, device=CPU).get_accuracy(*args)
+    q, ref_ = (x, x) if same_set else (x[:60], x[60:])
+    qy, ry = (y, y) if same_set else (y[:60], y[60:])
+    want = brute_recall(q.numpy(), qy.numpy(), ref_.numpy(), ry.numpy(), same_set, recall_k)
+    for K in recall_k:
+        assert full[f"recall_at_{K}"] == pytest.approx(want[K]["ordered"], abs=1e-12)
 
 
 # --------------------------------------------------------------------------- clustering reuse

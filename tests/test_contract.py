@@ -35,10 +35,14 @@ DISTS = {
 
 
 def call(obj, x, y):
-    out = obj(x, y)
     if isinstance(obj, EmbeddingExpansionMiner):
-        return obj.harden(x, y).hardest.nan_to_num(posinf=0, neginf=0).sum()
-    return out
+        # the reference-set mode, consumed by a PML loss, and harden()
+        ref_emb, ref_labels = obj.expand(x, y)
+        tuples = obj(x, y, ref_emb, ref_labels)
+        assert all(bool((t < len(r)).all()) for t, r in zip(tuples, (x, ref_emb, x, ref_emb)))
+        pml = losses.ContrastiveLoss(distance=obj.distance)(x, y, tuples, ref_emb, ref_labels)
+        return obj.harden(x, y).hardest.nan_to_num(posinf=0, neginf=0).sum() + pml
+    return obj(x, y)
 
 
 def run_batch(name, x, y, **kw):
@@ -177,15 +181,22 @@ def test_every_reducer(reducer):
 
 
 def test_recordable_attributes_for_record_keeper():
+    """Statistics are recorded once, on the wrapper (the object a user hands PML); a given
+    miner's collect_stats carries over."""
     x, y = data()
     miner = EmbeddingExpansionMiner(collect_stats=True)
     loss = EmbeddingExpansionLoss(losses.MultiSimilarityLoss(), miner=miner)
     loss(x, y)
     for attr in ["num_synthetic", "num_class_pairs", "synthetic_selection_ratio"]:
-        assert attr in miner._record_these_stats
-    assert miner.num_synthetic == 4 * 6 * 2
-    assert miner.num_class_pairs == 12
-    assert 0 <= miner.synthetic_selection_ratio <= 1
+        assert attr in loss._record_these_stats
+    assert loss.num_synthetic == 4 * 6 * 2
+    assert loss.num_class_pairs == 12
+    assert 0 <= loss.synthetic_selection_ratio <= 1
+    assert miner not in list(loss.modules())  # not walked by record-keeper a second time
+    assert miner.num_synthetic == 0
+    # used as a miner, it records on itself
+    miner(x, y, *miner.expand(x, y))
+    assert miner.num_synthetic == 48 and miner.num_pos_pairs == 4 * 4 * 3 and miner.num_neg_pairs == 16 * 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

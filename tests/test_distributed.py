@@ -6,38 +6,70 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pytorch_metric_learning import losses
-from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 
 from pml_ext.losses import EmbeddingExpansionLoss, HPHNTripletLoss
 
 WORLD = 2
 
 
-def make_loss(name):
+def make_loss(name, pairs="all"):
     if name == "hphn":
-        return HPHNTripletLoss(margin=0.1, pairs="all")
-    return EmbeddingExpansionLoss(getattr(losses, name)(), n_points=2)
+        return HPHNTripletLoss(margin=0.1, pairs=pairs)
+    if name == "hphn-default":
+        return HPHNTripletLoss()  # pairs="adjacent", margin 1e-5
+    return EmbeddingExpansionLoss(getattr(losses, name)(), n_points=2, pairs=pairs)
 
 
-def full_batch():
+def full_batch(odd=False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(WORLD * 8, 6, generator=g, dtype=torch.float64)
     y = torch.arange(4).repeat(WORLD * 2)  # every class on every rank
+    if odd:  # 3 + 3 + 1 + 1 per rank: adjacent pairs of classes 0, 1 cross the ranks
+        y = torch.tensor([0, 1, 0, 1, 0, 1, 2, 3] * WORLD)
     return x, y
 
 
-def _worker(rank, port, name, out_dir):
+CASES = {  # name: (loss, pairs, odd class counts, PML miner through DistributedMinerWrapper)
+    "ms-all": ("MultiSimilarityLoss", "all", False, False),
+    "contrastive-all": ("ContrastiveLoss", "all", False, False),
+    "hphn-all": ("hphn", "all", False, False),
+    "ms-adjacent": ("MultiSimilarityLoss", "adjacent", True, False),
+    "npairs-adjacent": ("NPairsLoss", "adjacent", True, False),  # N-pair's pairs follow row order too
+    "hphn-adjacent": ("hphn", "adjacent", True, False),
+    "hphn-default": ("hphn-default", "adjacent", True, False),
+    "triplet-mined": ("TripletMarginLoss", "adjacent", True, True),
+}
+
+
+def _case_miner():
+    return miners.MultiSimilarityMiner(epsilon=0.5)
+
+
+def _worker(rank, port, out_dir):
+    """Every case in one process group (one spawn: starting processes dominates the time)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    x, y = full_batch()
-    local = x[rank * 8:(rank + 1) * 8].clone().requires_grad_(True)
-    loss = DistributedLossWrapper(make_loss(name))(local, y[rank * 8:(rank + 1) * 8])
-    loss.backward()
-    torch.save({"loss": loss.detach(), "grad": local.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    for case, (name, pairs, odd, mine) in CASES.items():
+        x, y = full_batch(odd)
+        local = x[rank * 8:(rank + 1) * 8].clone().requires_grad_(True)
+        local_y = y[rank * 8:(rank + 1) * 8]
+        # PML's way to mine: on the gathered batch, indices in the wrapper's row order
+        tuples = DistributedMinerWrapper(_case_miner())(local, local_y) if mine else None
+        loss = DistributedLossWrapper(make_loss(name, pairs))(local, local_y, tuples)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": local.grad}, os.path.join(out_dir, f"{case}-rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ee_dist")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
 
 
 def _free_port():
@@ -46,18 +78,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss", "hphn"])
-def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, name):
-    mp.spawn(_worker, args=(_free_port(), name, str(tmp_path)), nprocs=WORLD, join=True)
-    x, y = full_batch()
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one_process_on_the_concatenated_batch(two_process_results, case):
+    """Loss and gradient on every rank = one process on the batch concatenated in rank order
+    (PML's wrapper gives each rank its own rows first; adjacent pairing and N-pair's choice of
+    pairs depend on row order; mined indices come in the wrapper's order)."""
+    name, pairs, odd, mine = CASES[case]
+    x, y = full_batch(odd)
     x = x.clone().requires_grad_(True)
-    single = make_loss(name)(x, y)
+    tuples = _case_miner()(x, y) if mine else None
+    single = make_loss(name, pairs)(x, y, tuples)
     single.backward()
     for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(two_process_results / f"{case}-rank{rank}.pt")
         # PML's wrapper multiplies by world size so that DDP's gradient averaging gives the sum
         assert got["loss"].item() == pytest.approx(WORLD * single.item(), rel=1e-9)
         assert torch.allclose(got["grad"] / WORLD, x.grad[rank * 8:(rank + 1) * 8], atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["hphn-default", "NPairsLoss"])
+def test_row_order_matters_without_rank_order(name):
+    """Why the losses restore rank order: the gathered order of rank 1 (its rows first) gives
+    another value than one process on the rank-ordered batch."""
+    x, y = full_batch(True)
+    rotated = torch.cat([torch.arange(8, 16), torch.arange(8)])
+    loss = make_loss(name, "adjacent")
+    assert loss(x[rotated], y[rotated]).item() != pytest.approx(loss(x, y).item(), rel=1e-6)
 
 
 def test_efficient_mode_is_a_clear_error():

@@ -143,25 +143,71 @@ def test_ee_with_zero_points_is_class_pair_hard_negative_mining():
             assert hb.hardest[a, b] == pytest.approx(block.min().item())
 
 
-def test_miner_returns_hardest_pairs_in_expanded_set_and_selection_ratio():
+def test_harden_returns_hardest_pairs_in_expanded_set_and_selection_ratio():
     x, y = batch(seed=8)
     miner = EmbeddingExpansionMiner(n_points=2, collect_stats=True)
-    a1, p, a2, n = miner(x, y)
-    assert (y[a1] == y[p]).all() and (a1 != p).all()
     hb = miner.harden(x, y)
     c = len(hb.unique_labels)
+    off = ~torch.eye(c, dtype=torch.bool)
+    a2, n = hb.hardest_rows[off], hb.hardest_cols[off]
     assert len(a2) == c * (c - 1)
     ex_labels = hb.expanded.labels
     mat = F.expanded_distance_matrix(x, hb.expanded, miner.distance, True)
     assert (ex_labels[a2] != ex_labels[n]).all()
     # the hardest pair's value is the smallest distance between the two classes' expanded sets
-    assert torch.allclose(mat[a2, n], hb.hardest[hb.classes.new_tensor(
-        [int((hb.unique_labels == v).nonzero()) for v in ex_labels[a2]]),
-        hb.classes.new_tensor([int((hb.unique_labels == v).nonzero()) for v in ex_labels[n]])])
+    assert torch.allclose(mat[a2, n], hb.hardest[off])
     involves = (a2 >= len(y)) | (n >= len(y))
     assert miner.num_synthetic == int(hb.expanded.is_synthetic.sum())
     # the recorded ratio counts strictly harder synthetic pairs; it can't exceed the involvement rate
     assert 0.0 <= miner.synthetic_selection_ratio <= involves.float().mean().item() + 1e-9
+
+
+@pytest.mark.parametrize("kind", ["l2", "cos", "l1"])
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+def test_miner_with_the_expanded_reference_set_matches_brute_force(kind, pairs):
+    """Reference-set mode: positives = original same-class pairs; for every anchor and other
+    class, the hardest point of that class's expanded set (loops, float64)."""
+    x, y = batch(seed=19, classes=(0, 0, 1, 1, 1, 2, 2, 0, 3, 3))
+    miner = EmbeddingExpansionMiner(n_points=2, pairs=pairs, distance=DISTANCES[kind](), collect_stats=True)
+    ref_emb, ref_labels = miner.expand(x, y)
+    a1, p, a2, n = miner(x, y, ref_emb, ref_labels)
+    xs = [v for v in (torch.stack(ref.normalize_rows(x)) if kind == "cos" or kind == "l2" else
+                      torch.stack([v / v.abs().sum() for v in x]))]
+    pts, labs, _ = ref.synthetic_points(torch.stack(xs), y, 2, True, pairs)
+    all_pts, all_labs = xs + pts, y.tolist() + labs
+    assert torch.allclose(ref_emb, torch.stack(all_pts), atol=1e-12) and ref_labels.tolist() == all_labs
+    if kind == "l1":  # a PML distance normalises the reference set its own way (L1 here)
+        all_pts = [v / v.abs().sum() for v in all_pts]
+    assert sorted(zip(a1.tolist(), p.tolist())) == [(i, j) for i in range(len(y)) for j in range(len(y))
+                                                    if i != j and y[i] == y[j]]
+    inv = ref.INVERTED[kind]
+    want = []
+    for i in range(len(y)):
+        for b in sorted(set(y.tolist()), key=y.tolist().index):
+            if b == y[i]:
+                continue
+            vals = [(ref.pair_value(xs[i], q, kind), j) for j, (q, lq) in enumerate(zip(all_pts, all_labs)) if lq == b]
+            best = max(v for v, _ in vals) if inv else min(v for v, _ in vals)
+            want.append((i, best))
+    got = sorted(zip(a2.tolist(), [ref.pair_value(xs[i], all_pts[j], kind) for i, j in zip(a2.tolist(), n.tolist())]))
+    assert [g[0] for g in got] == sorted(w[0] for w in want)
+    for (i, v), (wi, wv) in zip(got, sorted(want)):
+        assert i == wi and v == pytest.approx(wv, abs=1e-9)
+    assert (ref_labels[n] != y[a2]).all()
+    synthetic = n >= len(y)
+    assert miner.synthetic_selection_ratio == pytest.approx(synthetic.float().mean().item())
+
+
+def test_miner_without_a_reference_set_says_how_to_use_it():
+    x, y = batch(seed=20)
+    miner = EmbeddingExpansionMiner()
+    with pytest.raises(ValueError, match=r"miner.expand\(embeddings, labels\).*EmbeddingExpansionLoss\(loss\)"):
+        miner(x, y)
+    with pytest.raises(ValueError, match="expanded set"):  # a reference set that is not the expansion
+        miner(x, y, x[:4], y[:4])
+    ref_emb, _ = miner.expand(x, y)
+    with pytest.raises(ValueError, match="expanded set"):  # no reference labels
+        miner(x, y, ref_emb)
 
 
 def test_gradients_reach_originals_through_selected_pair():

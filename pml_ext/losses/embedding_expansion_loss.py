@@ -11,10 +11,54 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .. import functional as F
 from ..miners.embedding_expansion_miner import EmbeddingExpansionMiner, HardenedBatch
+from ..utils.distributed import in_rank_order
 
-__all__ = ["EmbeddingExpansionLoss"]
+__all__ = ["EmbeddingExpansionLoss", "UNSUPPORTED_LOSSES", "unsupported_reason"]
 
-_MIRRORED_STATS = ("num_synthetic", "num_class_pairs", "synthetic_selection_ratio")
+_STATS = ("num_synthetic", "num_class_pairs", "synthetic_selection_ratio")
+_DELEGATED = ("distance", "reducer")  # the wrapped loss's own, as PML's classes hold theirs
+
+_PROXY_REASON = (
+    "it compares each embedding with learned class weights or proxies, not with the other "
+    "embeddings of the batch, so there is no negative pair of the batch for EE to harden"
+)
+_OWN_GEOMETRY_REASON = (
+    "it computes its values from the embeddings itself and never calls its distance on pairs of "
+    "the batch, so EE would return exactly the plain loss"
+)
+# Losses EE cannot change, by PML class name (subclasses included), with the reason; kept in step
+# with PML by tests/test_pml_machinery.py, which runs every loss class PML exports.
+UNSUPPORTED_LOSSES: Dict[str, str] = {
+    **{name: _PROXY_REASON for name in (
+        "ArcFaceLoss", "CosFaceLoss", "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss",
+        "ProxyAnchorLoss", "ProxyNCALoss", "SoftTripleLoss", "SphereFaceLoss",
+        "SubCenterArcFaceLoss", "ManifoldLoss", "P2SGradLoss")},
+    "AngularLoss": _OWN_GEOMETRY_REASON,
+    "ThresholdConsistentMarginLoss": _OWN_GEOMETRY_REASON,
+    "VICRegLoss": "it takes no labels (two views of each sample); EE builds synthetic points within classes",
+    "MultipleLosses": "it is a container: wrap each loss, MultipleLosses([EmbeddingExpansionLoss(l) for l in ...])",
+    "SelfSupervisedLoss": "it passes its loss a reference set (the second view), which EE cannot expand",
+    "CrossBatchMemory": "its loss sees a memory of earlier batches as a reference set; EE expands one batch",
+}
+
+
+def unsupported_reason(loss) -> Optional[str]:
+    """Why ``EmbeddingExpansionLoss`` cannot wrap ``loss`` (None if it can)."""
+    for name, reason in UNSUPPORTED_LOSSES.items():
+        cls = getattr(losses, name, None)
+        if cls is not None and isinstance(loss, cls):
+            return reason
+    return None
+
+
+class _Held:
+    """Holds the miner outside the module tree: record-keeper and PML's hooks walk submodules, and
+    the statistics belong on the wrapper (recorded once)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
 
 
 class EmbeddingExpansionLoss(BaseMetricLossFunction):
@@ -31,52 +75,100 @@ class EmbeddingExpansionLoss(BaseMetricLossFunction):
         loss_fn = EmbeddingExpansionLoss(losses.MultiSimilarityLoss())
         loss = loss_fn(embeddings, labels, miner(embeddings, labels))
 
+    As on PML's own losses, ``distance`` and ``reducer`` are attributes (here the wrapped loss's:
+    reading or assigning them reads or sets the wrapped loss's), and ``get_default_distance`` /
+    ``get_default_reducer`` are the wrapped loss's. Losses EE cannot change are refused at
+    construction with the reason (:data:`UNSUPPORTED_LOSSES`: proxy / classification losses,
+    losses that never call their distance on the batch, containers).
+
     Args:
         loss: a PML ``BaseMetricLossFunction`` whose ``distance`` gives pair values
             (Triplet, (Generalized)LiftedStructure, NPairs, MultiSimilarity, Contrastive,
             Circle, NTXent, SupCon, ...).
-        n_points: synthetic points per same-class pair (paper default 2).
-        normalize: L2-normalise the synthetic points (paper default on).
-        pairs: ``"all"`` same-class pairs (paper) or ``"adjacent"`` (official code).
-        miner: an :class:`EmbeddingExpansionMiner` to use instead of one built from the three
-            arguments above; its statistics are then recorded on it. The hardened values are
-            always computed with the wrapped loss's distance.
+        n_points: synthetic points per same-class pair (default 2, the paper's).
+        normalize: L2-normalise the synthetic points (default on, the paper's).
+        pairs: ``"all"`` same-class pairs (default, paper) or ``"adjacent"`` (official code).
+        miner: an :class:`EmbeddingExpansionMiner` instead of the three arguments above (giving
+            both with different values is an error). The hardened values are always computed
+            with the wrapped loss's distance.
+        collect_stats: record ``num_synthetic``, ``num_class_pairs`` and
+            ``synthetic_selection_ratio`` on this object (default: PML's default, or the
+            miner's setting when a miner is given).
     """
 
     def __init__(
         self,
         loss: BaseMetricLossFunction,
-        n_points: int = 2,
-        normalize: bool = True,
-        pairs: str = "all",
+        n_points: Optional[int] = None,
+        normalize: Optional[bool] = None,
+        pairs: Optional[str] = None,
         miner: Optional[EmbeddingExpansionMiner] = None,
         **kwargs,
     ):
+        if isinstance(loss, EmbeddingExpansionLoss):
+            raise ValueError("loss is already an EmbeddingExpansionLoss")
+        reason = unsupported_reason(loss)
+        if reason is not None:
+            raise ValueError(f"EmbeddingExpansionLoss cannot wrap {type(loss).__name__}: {reason}")
         if not isinstance(loss, torch.nn.Module) or not hasattr(loss, "distance"):
             raise ValueError(
                 "loss must be a PML loss with a distance (a BaseMetricLossFunction), "
                 f"got {type(loss).__name__}"
             )
-        if isinstance(loss, EmbeddingExpansionLoss):
-            raise ValueError("loss is already an EmbeddingExpansionLoss")
         for arg in ("distance", "reducer", "embedding_regularizer"):
             if arg in kwargs:
                 raise ValueError(f"give {arg} to the wrapped loss; EmbeddingExpansionLoss uses the loss's own")
-        # A BaseMetricLossFunction (so PML's DistributedLossWrapper accepts it) whose distance and
-        # reducer are the wrapped loss's own objects.
-        super().__init__(distance=loss.distance, reducer=getattr(loss, "reducer", None), **kwargs)
+        given = {"n_points": n_points, "normalize": normalize, "pairs": pairs}
         if miner is None:
-            miner = EmbeddingExpansionMiner(
-                n_points=n_points, normalize=normalize, pairs=pairs, distance=loss.distance,
-                collect_stats=self.collect_stats,
-            )
-        elif not isinstance(miner, EmbeddingExpansionMiner):
-            raise ValueError(f"miner must be an EmbeddingExpansionMiner, got {type(miner).__name__}")
+            defaults = {"n_points": 2, "normalize": True, "pairs": "all"}
+            miner = EmbeddingExpansionMiner(**{k: defaults[k] if v is None else v for k, v in given.items()},
+                                            distance=loss.distance, collect_stats=False)
+        else:
+            _check_miner(miner, given)
+            if kwargs.get("collect_stats") is None:
+                kwargs["collect_stats"] = miner.collect_stats
+        # PML's base __init__ assigns distance and reducer; both are the wrapped loss's (see
+        # __setattr__), so the placeholders given here are dropped.
+        super().__init__(distance=loss.distance, reducer=reducers.DoNothingReducer(), **kwargs)
         self.loss = loss
-        self.miner = miner
-        # Mirrored from the miner after each call, so that record-keeper, which does not look
-        # inside submodules, logs them from the loss object a user already passes it.
-        self.add_to_recordable_attributes(list_of_names=list(_MIRRORED_STATS), is_stat=True)
+        self.__dict__["_held_miner"] = _Held(miner)
+        self.__dict__["_ee_ready"] = True
+        self.add_to_recordable_attributes(list_of_names=["n_points"], is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=list(_STATS), is_stat=True)
+
+    # -- PML conventions: distance / reducer / defaults are the wrapped loss's ------------------
+    def __setattr__(self, name, value):
+        if name in _DELEGATED:
+            if self.__dict__.get("_ee_ready"):
+                setattr(self.loss, name, value)
+            return  # during PML's base __init__: the wrapped loss's own are used
+        if name == "miner":
+            _check_miner(value, {})
+            self.__dict__["_held_miner"] = _Held(value)
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def distance(self):
+        return self.loss.distance
+
+    @property
+    def reducer(self):
+        return self.loss.reducer
+
+    @property
+    def miner(self) -> EmbeddingExpansionMiner:
+        return self.__dict__["_held_miner"].obj
+
+    @property
+    def n_points(self) -> int:
+        return self.miner.n_points
+
+    def get_default_distance(self):
+        return self.loss.get_default_distance()
+
+    def get_default_reducer(self):
+        return self.loss.get_default_reducer()
 
     def forward(
         self,
@@ -89,14 +181,12 @@ class EmbeddingExpansionLoss(BaseMetricLossFunction):
         if ref_emb is not None or ref_labels is not None:
             raise ValueError(
                 "EmbeddingExpansionLoss does not support ref_emb/ref_labels: EE expands and "
-                "mines within one batch"
+                "mines within one batch (with PML's DistributedLossWrapper use efficient=False)"
             )
         _check_batch(embeddings, labels)
+        embeddings, labels, indices_tuple = in_rank_order(self, embeddings, labels, indices_tuple)
         distance = self.loss.distance
-        hardened = self.miner.harden(embeddings, labels, distance=distance)
-        if self.collect_stats:
-            for name in _MIRRORED_STATS:
-                setattr(self, name, getattr(self.miner, name, 0))
+        hardened = self.miner.harden(embeddings, labels, distance=distance, record_on=self)
         dense = _dense_loss(self.loss, indices_tuple)
         if dense is not None:
             self.loss.reset_stats()
@@ -105,11 +195,32 @@ class EmbeddingExpansionLoss(BaseMetricLossFunction):
         proxy = _hardened_distance(distance, embeddings, hardened, hints)
         self.loss.distance = proxy
         try:
-            return self.loss(embeddings, labels, indices_tuple)
+            out = self.loss(embeddings, labels, indices_tuple)
         finally:
             self.loss.distance = distance
             for name in getattr(distance, "_record_these_stats", []):
                 setattr(distance, name, getattr(proxy, name, 0))
+        if not proxy._ee_called and indices_tuple is None and _has_pairs(hardened.layout):
+            raise ValueError(
+                f"{type(self.loss).__name__} never called its distance on the batch, so EE changed "
+                "nothing; EmbeddingExpansionLoss cannot wrap it"
+            )
+        return out
+
+
+def _check_miner(miner, given: Dict[str, object]) -> None:
+    if not isinstance(miner, EmbeddingExpansionMiner):
+        raise ValueError(f"miner must be an EmbeddingExpansionMiner, got {type(miner).__name__}")
+    for name, value in given.items():
+        if value is not None and getattr(miner, name) != value:
+            raise ValueError(
+                f"{name}={value!r} conflicts with the miner's {name}={getattr(miner, name)!r}; "
+                "give it to the miner only"
+            )
+
+
+def _has_pairs(layout: F.BatchLayout) -> bool:
+    return bool(layout.positive.any()) and bool(layout.negative.any())
 
 
 # PML reducers that read the per-tuple losses alone (not their indices' embeddings): a dense
@@ -259,6 +370,7 @@ class _HardenedDistanceMixin:
     _ee_hints: Tuple[torch.Tensor, ...]
 
     def forward(self, query_emb, ref_emb=None):
+        self._ee_called = True
         x, batch = self._ee_embeddings, self._ee_batch
         if query_emb is x and (ref_emb is None or ref_emb is x):
             # The batch's own matrix was computed with the hardest pairs (same Gram matrix).
@@ -286,8 +398,8 @@ def _classes_by_row_match(emb: torch.Tensor, x: torch.Tensor, classes: torch.Ten
         eq = (emb[start : start + chunk, None, :] == x[None, :, :]).all(-1)
         if not bool(eq.any(1).all()):
             raise ValueError(
-                "the wrapped loss passed its distance rows that are not rows of the batch; "
-                "EmbeddingExpansionLoss cannot tell their classes"
+                "the wrapped loss passed its distance rows that are not rows of the batch (e.g. "
+                "learned proxies or class weights); EmbeddingExpansionLoss cannot tell their classes"
             )
         first = eq.float().argmax(1)
         c = classes[first]
@@ -312,4 +424,5 @@ def _hardened_distance(distance, embeddings, hardened: HardenedBatch, hints):
     proxy._ee_embeddings = embeddings
     proxy._ee_batch = hardened
     proxy._ee_hints = hints
+    proxy._ee_called = False
     return proxy

@@ -1,7 +1,7 @@
 """Hardness-Aware Deep Metric Learning (Zheng, Chen, Lu, Zhou, CVPR 2019, arXiv 1903.05503) as a
 PML-style loss module that wraps any pytorch-metric-learning tuple loss.
 
-Semantics follow /work/shared/reference/papers.md (HDML section) and the official TensorFlow code
+Semantics follow the paper and the official TensorFlow code
 (wzzheng/HDML, ``lib/HDML.py``, ``main_triplet.py``, ``main_npair.py``); no code was copied.
 """
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import functional as F
+from ..utils.distributed import in_rank_order
 from .embedding_expansion_loss import _check_batch
 
 __all__ = ["HPHNTripletLoss"]
@@ -58,13 +59,18 @@ class HPHNTripletLoss(BaseMetricLossFunction):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if ref_emb is not None or ref_labels is not None:
-            raise ValueError("HPHNTripletLoss does not support ref_emb/ref_labels")
+            raise ValueError(
+                "HPHNTripletLoss does not support ref_emb/ref_labels: it expands and mines within "
+                "one batch (with PML's DistributedLossWrapper use efficient=False)"
+            )
         if indices_tuple is not None:
             raise ValueError(
                 "HPHNTripletLoss mines its own hardest positives and negatives; indices_tuple "
                 "is not supported"
             )
         _check_batch(embeddings, labels)
+        # under PML's DistributedLossWrapper: rank order, so adjacent pairs match one process
+        embeddings, labels, _ = in_rank_order(self, embeddings, labels)
         return super().forward(embeddings, labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):

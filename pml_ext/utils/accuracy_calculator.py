@@ -28,10 +28,9 @@ ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Any]]
 
 _CALC_PREFIX = "calculate_"
 _RECALL_PREFIX = "recall_at_"
-# PML metrics that need the neighbours up to the largest class size ("R").
-_NEED_MAX_BIN_COUNT = ("mean_average_precision_at_r", "r_precision")
-# PML metrics whose value depends on k itself (PML's default k=None means the
-# whole reference set); with our default k they are truncated at max_bin_count.
+# PML metrics whose value depends on every one of PML's k neighbours (with k=None: the whole
+# reference set). PML's other k-NN metrics read at most the first max_bin_count of them
+# (precision_at_1, and r_precision / mean_average_precision_at_r, which stop at R).
 _K_DEPENDENT = ("mean_average_precision", "mean_reciprocal_rank")
 _MISSING: Any = object()
 
@@ -139,18 +138,16 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     for NMI/AMI (see :func:`pair_counting_f1`).  All PML metrics and
     arguments are unchanged, e.g. ``include=("recall_at_1", "NMI")``.
 
-    ``k`` (number of neighbours, self excluded):
-
-    * ``None`` (default): the largest requested recall K; raised to
-      ``max_bin_count`` (largest class size, minus one when the reference
-      includes the query) only if ``mean_average_precision_at_r`` /
-      ``r_precision`` (or the k-dependent ``mean_average_precision`` /
-      ``mean_reciprocal_rank``, which are then truncated at that k) are
-      requested.  Unlike PML, never the whole reference set.
-    * ``"max_bin_count"``: PML's meaning, but at least the largest recall K.
-    * an int: used as is (PML semantics); must be >= the largest recall K.
-
-    In all cases k is capped at the number of available reference points.
+    ``k`` has PML's meaning (``None``: the whole reference set,
+    ``"max_bin_count"``, or an int) and every PML metric is computed on PML's
+    k neighbours, so it equals PML's value for every ``k``; ``recall_at_K``
+    always looks at K neighbours, whatever ``k`` is.  The neighbours are
+    retrieved once, as many as the requested metrics read: the largest
+    requested K, PML's k when ``mean_average_precision`` or
+    ``mean_reciprocal_rank`` is requested (with ``k=None`` that is a search
+    over the whole reference set, as in PML), otherwise at most
+    ``max_bin_count`` for PML's other k-NN metrics (they read no further);
+    capped at the number of available reference points.
 
     Differences from PML besides the new metrics: label counts are computed
     in O(n log n) (see :meth:`get_accuracy`) and ``mean_reciprocal_rank`` is
@@ -177,7 +174,6 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         self._recall_names: Dict[str, int] = {
             f"{_RECALL_PREFIX}{K}": K for K in self.recall_ks
         }
-        self._warned_k_dependent = False
         # PML discovers metrics through dir(self) and "calculate_*" names,
         # which also sees instance attributes: one bound calculator per K.
         for name, K in self._recall_names.items():
@@ -193,13 +189,6 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             knn_func=knn_func,
             kmeans_func=kmeans_func,
         )
-        if isinstance(self.k, int):
-            max_K = self._max_recall_k(self.original_function_dict)
-            if self.k < max_K:
-                raise ValueError(
-                    f"k={self.k} is smaller than the largest requested recall K "
-                    f"(recall_at_{max_K}); pass k >= {max_K}, or k=None to choose it automatically"
-                )
 
     # ------------------------------------------------------------------ PML hooks
     def requires_knn(self) -> List[str]:
@@ -216,31 +205,18 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     def determine_k(
         self, bin_counts: torch.Tensor, num_reference_embeddings: int, ref_includes_query: bool
     ) -> int:
-        """Number of neighbours (self excluded) to retrieve; see class docstring."""
-        self_count = int(ref_includes_query)
-        max_available = num_reference_embeddings - self_count
+        """Number of neighbours (self excluded) the requested PML k-NN metrics read: PML's own
+        k, or fewer when no requested metric reads past ``max_bin_count`` (0 if none is
+        requested).  The search retrieves ``max(this, largest recall K)``."""
         curr = self.get_curr_metrics()
-        max_K = self._max_recall_k(curr)
-        if self.k is None:
-            max_bin_count = int(torch.max(bin_counts).item()) - self_count
-            k = max_K
-            if any(m in curr for m in _NEED_MAX_BIN_COUNT):
-                k = max(k, max_bin_count)
-            k_dependent = [m for m in _K_DEPENDENT if m in curr]
-            if k_dependent:
-                k = max(k, max_bin_count)
-            if k_dependent and not self._warned_k_dependent:
-                self._warned_k_dependent = True
-                c_f.LOGGER.warning(
-                    f"{k_dependent} depend on k; with k=None they are computed over the "
-                    f"{min(k, max_available)} nearest neighbours (PML would use the whole "
-                    "reference set). Pass k explicitly to choose."
-                )
-        elif self.k == "max_bin_count":
-            k = max(int(super().determine_k(bin_counts, num_reference_embeddings, ref_includes_query)), max_K)
-        else:
-            k = int(super().determine_k(bin_counts, num_reference_embeddings, ref_includes_query))
-        return max(1, min(k, max_available))
+        pml_knn = [m for m in super().requires_knn() + ["mean_reciprocal_rank"] if m in curr]
+        if not pml_knn:
+            return 0
+        k = int(super().determine_k(bin_counts, num_reference_embeddings, ref_includes_query))
+        if not any(m in curr for m in _K_DEPENDENT):
+            max_r = int(torch.max(bin_counts).item()) - int(ref_includes_query)
+            k = min(k, 1 if pml_knn == ["precision_at_1"] else max_r)
+        return max(1, k)
 
     def get_accuracy(
         self,
@@ -294,27 +270,28 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             lone_query_labels, not_lone_query_mask = pml_ac.get_lone_query_labels(
                 query_labels, label_counts, ref_includes_query, self.label_comparison_fn
             )
-            num_k = self.determine_k(label_counts[1], len(reference), ref_includes_query)
+            pml_k = self.determine_k(label_counts[1], len(reference), ref_includes_query)
+            max_available = len(reference) - int(ref_includes_query)
+            num_k = max(1, min(max(pml_k, self._max_recall_k(self.get_curr_metrics())), max_available))
             knn_distances, knn_indices = self.knn_func(query, num_k, reference, ref_includes_query)
             knn_labels = reference_labels[knn_indices]
             if not any(not_lone_query_mask):
                 c_f.LOGGER.warning("None of the query labels are in the reference set.")
             kwargs["label_counts"] = label_counts
-            kwargs["knn_labels"] = knn_labels
-            kwargs["knn_distances"] = knn_distances
             kwargs["lone_query_labels"] = lone_query_labels
             kwargs["not_lone_query_mask"] = not_lone_query_mask
+            if any(m in self.curr_function_dict for m in self._recall_names):
+                kwargs["first_match_rank"] = self._not_lone_first_match_rank(
+                    knn_labels=knn_labels, query_labels=query_labels, not_lone_query_mask=not_lone_query_mask
+                )
+            # PML's metrics see exactly PML's k neighbours
+            kwargs["knn_labels"] = knn_labels[:, :pml_k] if pml_k else knn_labels
+            kwargs["knn_distances"] = knn_distances[:, :pml_k] if pml_k else knn_distances
 
         if any(x in self.requires_clustering() for x in self.get_curr_metrics()):
             kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
 
         return self._get_accuracy(self.curr_function_dict, **kwargs)
-
-    def _get_accuracy(self, function_dict: Dict[str, Callable[..., Any]], **kwargs: Any) -> Dict[str, Any]:
-        # Rank of the first correct neighbour, shared by all recall_at_K.
-        if "knn_labels" in kwargs and any(m in function_dict for m in self._recall_names):
-            kwargs["first_match_rank"] = self._not_lone_first_match_rank(**kwargs)
-        return super()._get_accuracy(function_dict, **kwargs)
 
     # ------------------------------------------------------------------ metrics
     def _not_lone_first_match_rank(

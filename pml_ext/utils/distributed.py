@@ -1,18 +1,66 @@
-"""Multi-process training for HDML: every rank evaluates HDML on the whole global batch.
+"""Multi-process training.
 
 PML's ``DistributedLossWrapper`` serves ``EmbeddingExpansionLoss`` and ``HPHNTripletLoss``
-directly (they are ``BaseMetricLossFunction``s; use ``efficient=False``). HDML needs more: it takes
-backbone *features* and applies the embedding head, generator and classifier itself, so those
-modules see every sample of the global batch on every rank.
+directly (they are ``BaseMetricLossFunction``s; use ``efficient=False``). It hands every rank the
+global batch with that rank's rows first; EE's adjacent pairing (and order-dependent wrapped losses
+such as N-pair) depend on row order, so both losses put the rows back in rank order first
+(:func:`in_rank_order`): every rank then computes the one-process loss on the batch concatenated in
+rank order. HDML needs more: it takes backbone *features* and applies the embedding head, generator
+and classifier itself, so those modules see every sample of the global batch on every rank.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+import sys
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedHDMLWrapper", "gather_features"]
+__all__ = ["DistributedHDMLWrapper", "gather_features", "in_rank_order"]
+
+
+def _gathered_by_pml_wrapper(loss: torch.nn.Module) -> Optional[int]:
+    """If ``loss`` is being called by PML's ``DistributedLossWrapper`` (efficient=False) in a
+    process group of more than one rank, the world size; else None. PML gives no other signal
+    than its own frame, so the caller's frames are inspected (a few, not the whole stack)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    code = DistributedLossWrapper.forward_regular_loss.__code__
+    frame = sys._getframe(2)
+    for _ in range(8):  # forward <- Module._call_impl <- _wrapped_call_impl <- forward_regular_loss
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            wrapper = frame.f_locals.get("self")
+            ok = wrapper is not None and wrapper.loss is loss and not wrapper.efficient
+            return dist.get_world_size() if ok else None
+        frame = frame.f_back
+    return None
+
+
+def in_rank_order(loss: torch.nn.Module, embeddings: torch.Tensor, labels: torch.Tensor,
+                  indices_tuple: Optional[Tuple[torch.Tensor, ...]] = None):
+    """``(embeddings, labels, indices_tuple)`` in rank order when PML's ``DistributedLossWrapper``
+    gathered them (it puts this rank's rows first, then the other ranks' in rank order); as given
+    otherwise. Indices are remapped to the new row order; gradients flow back through the gather."""
+    world = _gathered_by_pml_wrapper(loss)
+    if world is None:
+        return embeddings, labels, indices_tuple
+    n, rank = embeddings.shape[0], dist.get_rank()
+    if n % world:
+        raise ValueError(f"the gathered batch has {n} rows, not a multiple of the world size {world}")
+    b = n // world
+    # block of the gathered batch that holds rank k's rows: 0 for this rank, then the others in order
+    block = torch.tensor([0 if k == rank else k + 1 if k < rank else k for k in range(world)],
+                         device=embeddings.device)
+    perm = (block[:, None] * b + torch.arange(b, device=embeddings.device)[None, :]).flatten()
+    if indices_tuple is not None:
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(n, device=perm.device)
+        indices_tuple = tuple(inverse[t] for t in indices_tuple)
+    return embeddings[perm], labels[perm], indices_tuple
 
 
 class _ScaleGrad(torch.autograd.Function):
