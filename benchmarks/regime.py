@@ -352,6 +352,21 @@ def ablation(cfg, fsets, root: str, loss: str, seeds: List[int], progress: bool 
     return text
 
 
+def features_alone(cfg, fsets, root: str) -> Dict[str, float]:
+    """Test metrics of the pretrained pooled features themselves (view 0, no training): the
+    floor every trained head is measured against. Cached in ``baseline.json``."""
+    path = os.path.join(root, cfg["name"], "baseline.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    fs = fsets["pooled"]
+    test = splits(fs, cfg.get("val_seed", 0))["test"]
+    emb = torch.nn.functional.normalize(fs.features[torch.as_tensor(test), 0].float(), dim=1)
+    out = retrieval_metrics(emb, fs.labels[test], FINAL_METRICS)
+    harness.atomic_write_json(path, out)
+    return out
+
+
 def collect(cfg, root: str) -> List[Dict[str, Any]]:
     """Results of the tuned hyper-parameters of every cell and seed that has finished."""
     path = os.path.join(root, cfg["name"], "tuned.json")
@@ -394,7 +409,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(args.threads or cfg["train"].get("threads", torch.get_num_threads()))
     progress = not args.no_progress
     if args.command == "report":
-        regime_report.write(cfg, collect(cfg, args.root), os.path.join(args.root, cfg["name"]))
+        path = os.path.join(args.root, cfg["name"], "baseline.json")
+        base = json.load(open(path)) if os.path.exists(path) else None
+        regime_report.write(cfg, collect(cfg, args.root), os.path.join(args.root, cfg["name"]), base)
         return 0
     t0 = time.perf_counter()
     fsets = feature_sets(cfg, progress)
@@ -419,7 +436,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     table(cfg, fsets, args.root, progress)
     out = os.path.join(args.root, cfg["name"])
-    regime_report.write(cfg, collect(cfg, args.root), out)
+    regime_report.write(cfg, collect(cfg, args.root), out, features_alone(cfg, fsets, args.root))
     print(f"whole command: {(time.perf_counter() - t0) / 60:.1f} min; report in {out}/table.md")
     return 0
 

@@ -54,12 +54,15 @@ def verdict(m: float, ci: float) -> str:
     return "paper's direction, CI includes 0" if m > 0 else "against, CI includes 0"
 
 
-def build_table(cfg, results) -> Tuple[str, List[Dict[str, Any]]]:
+def build_table(cfg, results, baseline=None) -> Tuple[str, List[Dict[str, Any]]]:
     g = defaultdict(list)
     for r in results:
         g[(r["method"], r["loss"])].append(r)
     lines = ["| Method | n | " + " | ".join(c for c, _ in COLUMNS) + " | best it | train s |",
              "|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
+    if baseline:
+        lines.append("| pretrained features, no training | 1 | " + " | ".join(fmt(baseline[k], float("nan"))
+                                                                        for _, k in COLUMNS) + " | 0 | 0 |")
     for method, loss in cfg["cells"]:
         rs = g.get((method, loss), [])
         if not rs:
@@ -129,9 +132,9 @@ def plot_curves(cfg, results, out_dir: str) -> List[str]:
     return written
 
 
-def write(cfg, results, out_dir: str) -> str:
+def write(cfg, results, out_dir: str, baseline=None) -> str:
     """table.md, results.csv and the curves under ``out_dir``; returns the table."""
-    table, _ = build_table(cfg, results)
+    table, _ = build_table(cfg, results, baseline)
     atomic_write_bytes(os.path.join(out_dir, "table.md"), table.encode())
     buf = io.StringIO()
     w = csv.writer(buf)

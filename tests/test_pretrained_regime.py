@@ -197,6 +197,7 @@ def test_table_cli_on_a_user_feature_file(tmp_path):
     table = (out / "table.md").read_text()
     assert "| EE + Triplet | 2 |" in table and "| HDML + Triplet | 2 |" in table
     assert "EE improves Triplet" in table and "claims move in the paper's direction" in table
+    assert "| pretrained features, no training | 1 |" in table
     assert (out / "curves-triplet.png").stat().st_size > 1000
     tuned = json.loads((out / "tuned.json").read_text())
     assert set(tuned) == {"plain-triplet", "ee-triplet", "hdml-triplet"}
