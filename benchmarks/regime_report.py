@@ -47,6 +47,8 @@ def paired(a: List[Dict[str, Any]], b: List[Dict[str, Any]], key: str) -> List[f
 def verdict(m: float, ci: float) -> str:
     if math.isnan(ci):
         return "one seed"
+    if m == 0 and ci == 0:
+        return "no difference (same checkpoint)"
     if m - ci > 0:
         return "holds (CI > 0)"
     if m + ci < 0:
@@ -86,7 +88,7 @@ def build_table(cfg, results, baseline=None) -> Tuple[str, List[Dict[str, Any]]]
                       f"{fmt(*mean_ci(d['mean_average_precision_at_r']))} | {fmt(*mean_ci(d['NMI']))} | "
                       f"{verdict(*p1)} |")
         rows.append({"claim": name, "n": len(d["precision_at_1"]), "delta_p1": p1[0], "ci_p1": p1[1],
-                     "direction": "paper" if p1[0] > 0 else "against"})
+                     "direction": "paper" if p1[0] > 0 else ("none" if p1[0] == 0 else "against")})
     agree = sum(r["direction"] == "paper" for r in rows)
     claims += ["", f"{agree} of {len(rows)} claims move in the paper's direction (mean Δ P@1 > 0); "
                f"{sum(r['delta_p1'] - r['ci_p1'] > 0 for r in rows if not math.isnan(r['ci_p1']))} "
