@@ -55,15 +55,16 @@ def _check_wrapped_loss(loss) -> None:
             raise ValueError(f"HDMLLoss cannot wrap {type(loss).__name__}: {_UNUSABLE_LOSSES[cls.__name__]}")
 
 
-class _HiddenModules(collections.UserDict):
-    """``nn.Module._modules`` as a mapping that is not a ``dict``.
+class _Unwalked(collections.UserDict):
+    """A mapping that is not a ``dict``, so record-keeper's walk does not enter it.
 
     PML's ``HookContainer`` asks record-keeper to walk ``loss_funcs`` recursively through every
-    attribute that is a Module or a dict, ``_modules`` included; inside a generator such as an
-    ``nn.Sequential`` that walk names SQLite tables after child indices ("0_Linear__parameters")
-    and crashes at the first ``save_records()``, and it records every weight tensor on the way.
-    torch only needs a mutable mapping here; record-keeper skips it, and :class:`HDMLLoss`
-    exposes what is worth recording (its own terms, the wrapped loss and miner) explicitly."""
+    attribute that is a Module or a dict, ``nn.Module._modules`` included; inside a generator such
+    as an ``nn.Sequential`` that walk names SQLite tables after child indices
+    ("0_Linear__parameters") and crashes at the first ``save_records()``, and it records every
+    weight tensor on the way. torch only needs a mutable mapping as ``_modules``; :class:`HDMLLoss`
+    uses this one and exposes what is worth recording (its own terms, the wrapped loss and miner)
+    explicitly."""
 
 
 
@@ -458,7 +459,7 @@ class HDMLLoss(ModuleWithRecords):
         self.on_nonfinite = on_nonfinite
         self.num_skipped_batches = 0
         self.last_batch_skipped = False
-        self.history = {k: collections.deque(maxlen=self.HISTORY) for k in self.CHECKED_TERMS}
+        self.history = _Unwalked({k: collections.deque(maxlen=self.HISTORY) for k in self.CHECKED_TERMS})
 
         self.add_to_recordable_attributes(list_of_names=["alpha", "beta", "lambda_", "softmax_factor"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -472,8 +473,8 @@ class HDMLLoss(ModuleWithRecords):
         )
         self._set_records({})
         # record-keeper: hide the submodules (generator, classifier, running averages) from
-        # HookContainer's recursive walk; show it the wrapped loss and miner (see _HiddenModules)
-        self.__dict__["_modules"] = _HiddenModules(self._modules)
+        # HookContainer's recursive walk; show it the wrapped loss and miner (see _Unwalked)
+        self.__dict__["_modules"] = _Unwalked(self._modules)
         self.__dict__["recorded_modules"] = {"loss": loss, "miner": miner}
 
     def __setattr__(self, name, value):
@@ -661,16 +662,16 @@ class HDMLLoss(ModuleWithRecords):
         recent = ", ".join(f"{v:.4g}" for v in self.history[term])
         parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         causes = {
-            "J_gen": "the generator's objective diverged. Usual cause: the generator's learning rate with a "
+            "J_gen": "The generator's objective diverged. Usual cause: the generator's learning rate with a "
             "scale-sensitive optimiser. J_gen = J_recon + J_soft is ~1e4 times J_metric (softmax_factor "
             "1e4, summed reconstruction), so e.g. SGD at the official generator lr 1e-2 takes steps ~1e4 "
             "times too large; use Adam (scale-invariant, as the official code) or lower the generator's "
             "lr by about that factor.",
-            "J_metric": "the metric loss on the real (J_m) or synthetic (J_syn) tuples is not finite. Usual "
+            "J_metric": "The metric loss on the real (J_m) or synthetic (J_syn) tuples is not finite. Usual "
             "cause: the generator diverged first (see J_gen's recent values) and fed non-finite synthetic "
             "features to the embedder, i.e. the generator's learning rate with a scale-sensitive optimiser "
             "(SGD); otherwise the backbone/embedder learning rate is too high for its optimiser.",
-            "J_cls": "the softmax classifier's cross-entropy on real features diverged. Usual cause: the "
+            "J_cls": "The softmax classifier's cross-entropy on real features diverged. Usual cause: the "
             "classifier's learning rate with a scale-sensitive optimiser (the official code uses Adam, lr 1e-3).",
         }
         return (f"HDML: {term} is {float(terms[term].detach())} on this batch (recent values, oldest first: "
