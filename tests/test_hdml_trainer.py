@@ -342,3 +342,26 @@ def test_synthetic_tuple_cap():
     assert hdml.num_synthetic_tuples == DEFAULT_MAX_SYNTHETIC_TUPLES
     emb = models["embedder"](feats)
     assert hdml.J_m == pytest.approx(losses.TripletMarginLoss(margin=0.1)(emb, y, miner(emb, y)).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ the example
+def test_example_hdml_trainer_reduced(tmp_path):
+    """examples/hdml_trainer.py --steps 3: PML trainer + tester + HookContainer on the embedded data."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)  # this checkout's pml_ext, not an installed one
+    cmd = [sys.executable, os.path.join("examples", "hdml_trainer.py"), "--steps", "3", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test fonts: " in proc.stdout and "J_gen=" in proc.stdout
+    result = json.loads((tmp_path / "hdml_trainer.json").read_text())
+    assert 0.0 <= result["metrics"]["precision_at_1_level0"] <= 1.0
+    db = tmp_path / "logs" / "logs.db"
+    assert "loss_histories" in tables(db)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT J_m, J_gen, J_avg, metric_weight FROM loss_histories").fetchall()
+    assert len(rows) == 1 and all(v is not None and math.isfinite(v) for v in rows[0])  # log_freq 10: iteration 0
+    assert (tmp_path / "models" / "hdml_1.pth").exists() and (tmp_path / "models" / "generator_1.pth").exists()
