@@ -36,7 +36,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--caps", type=int, nargs="*", default=[],
                     help="also time the HDML trainer with these max_synthetic_tuples (0 = no cap)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     tcfg, mcfg = cfg["train"], cfg["model"]
     train_src, _ = harness.sources(cfg, "test")
