@@ -2,6 +2,10 @@
 
     python -m benchmarks.perf_steps                          # fontglyphs_cpu, every loss
     python -m benchmarks.perf_steps --losses triplet npair --repeats 30
+    python -m benchmarks.perf_steps --losses triplet npair --hdml-caps 0 128 512   # HDML's tuple cap
+
+``--hdml-caps`` adds one HDML method per value of ``max_synthetic_tuples`` (0 = no cap), built
+from the same seed and interleaved with the others in the same run.
 
 One process builds every method of a loss from the same seed (same initial weights) and runs
 them in turn on the same batches (an MPerClassSampler batch, as in the benchmark), rotating the
@@ -49,6 +53,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--hp", default=None,
                     help='JSON merged into every method\'s hyper-parameters, e.g. \'{"hdml": {"alpha": 0.05, '
                          '"max_synthetic_tuples": 256}}\'')
+    ap.add_argument("--hdml-caps", type=int, nargs="+", default=None,
+                    help="also time HDML with these max_synthetic_tuples values (0 = no cap), side by side")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     tcfg = cfg["train"]
@@ -60,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{cfg['name']}: batch {tcfg['batch_size']} = {tcfg['batch_size'] // tcfg['per_class']} classes x "
           f"{tcfg['per_class']}, model {cfg['model']['name']}, embedding {cfg['model']['embedding_size']}; "
           f"median of {args.repeats} steps")
-    print(f"{'loss':<9}{'method':<8}{'median ms':>9}{'/ plain':>9}{'mean ms':>10}{'/ plain':>9}"
+    print(f"{'loss':<9}{'method':<12}{'median ms':>9}{'/ plain':>9}{'mean ms':>10}{'/ plain':>9}"
           f"{'peak MB':>10}{'/ plain':>9}")
     results = {}
     for loss_name in args.losses:
@@ -69,6 +75,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         for method in METHODS_OF[loss_name]:
             torch.manual_seed(0)
             runners[method] = harness.build_training(cfg, method, loss_name, hp, num_classes, args.device)
+        if "hdml" in runners:
+            for cap in args.hdml_caps or []:
+                capped = dict(hp, hdml=dict(hp.get("hdml", {}), max_synthetic_tuples=cap or None))
+                torch.manual_seed(0)
+                runners[f"hdml{cap or '_nocap'}"] = harness.build_training(cfg, "hdml", loss_name, capped,
+                                                                           num_classes, args.device)
         sampler = samplers.MPerClassSampler(tr_y, m=tcfg["per_class"], batch_size=tcfg["batch_size"],
                                             length_before_new_iter=(args.repeats + args.warmup) * tcfg["batch_size"])
         order = np.asarray(list(iter(sampler)))
@@ -106,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             if m_plain:
                 m = statistics.median(peaks[method])
                 mem = f"{m / 2**20:>10.1f}{m / m_plain:>9.2f}"
-            print(f"{loss_name:<9}{method:<8}{t * 1e3:>9.1f}{t / t_plain:>9.2f}"
+            print(f"{loss_name:<9}{method:<12}{t * 1e3:>9.1f}{t / t_plain:>9.2f}"
                   f"{mean * 1e3:>10.1f}{mean / statistics.fmean(times['plain']):>9.2f}{mem}")
 
 

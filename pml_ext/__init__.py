@@ -3,6 +3,6 @@
 
 __version__ = "0.1.0"
 
-from . import functional, losses, miners  # noqa: E402,F401
+from . import functional, losses, miners, trainers  # noqa: E402,F401
 
-__all__ = ["functional", "losses", "miners", "__version__"]
+__all__ = ["functional", "losses", "miners", "trainers", "__version__"]

@@ -185,6 +185,7 @@ def make_setup(seed=0, dtype=DT, **kw):
     backbone = torch.nn.Sequential(torch.nn.Linear(IN, FEAT), torch.nn.ReLU(), torch.nn.Linear(FEAT, FEAT)).to(dtype)
     head = torch.nn.Linear(FEAT, EMB).to(dtype)
     kw.setdefault("loss", losses.TripletMarginLoss(margin=0.2))
+    kw.setdefault("max_synthetic_tuples", None)  # every triplet (the default cap subsamples at random)
     hdml = HDMLLoss(embedding_size=EMB, feature_size=FEAT, num_classes=C, **kw).to(dtype)
     x = torch.randn(B, IN, dtype=dtype)
     y = torch.arange(B) % C

@@ -1,5 +1,5 @@
 from .embedding_expansion_loss import EmbeddingExpansionLoss
-from .hdml_loss import HDMLLoss
+from .hdml_loss import HDMLLoss, HDMLNonFiniteError
 from .hphn_triplet_loss import HPHNTripletLoss
 
-__all__ = ["EmbeddingExpansionLoss", "HDMLLoss", "HPHNTripletLoss"]
+__all__ = ["EmbeddingExpansionLoss", "HDMLLoss", "HDMLNonFiniteError", "HPHNTripletLoss"]

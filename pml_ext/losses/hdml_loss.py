@@ -6,6 +6,7 @@ Semantics follow the paper and the official TensorFlow code
 """
 from __future__ import annotations
 
+import collections
 import math
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -20,7 +21,50 @@ from ..functional import hardness_aware as HA
 from ..functional.embedding_expansion import gram_kind
 from .embedding_expansion_loss import PLAIN_REDUCERS
 
-__all__ = ["HDMLLoss", "RunningLossAverage", "default_hdml_generator"]
+__all__ = ["HDMLLoss", "HDMLNonFiniteError", "RunningLossAverage", "default_hdml_generator"]
+
+# the default cap on synthetic triplets per step (max_synthetic_tuples), chosen from
+# ``python -m benchmarks.perf_steps --losses triplet --hdml-caps ...`` (README, HDML)
+DEFAULT_MAX_SYNTHETIC_TUPLES = 512
+
+
+class HDMLNonFiniteError(FloatingPointError):
+    """An HDML objective (J_gen, J_metric or J_cls) became NaN or inf during training."""
+
+
+# wrapped losses HDML cannot use, with the reason (checked by class name, so PML versions that
+# lack one of them still import)
+_UNUSABLE_LOSSES = {
+    "EmbeddingExpansionLoss": "it expands every batch it is given, and HDML calls its loss on the real batch plus "
+    "one synthetic negative per tuple (thousands with all or mined triplets), so EE's expanded set and its "
+    "class-pair search grow with the square of that (a batch of 40 asked for 33 GB); use the PML loss itself",
+    "HDMLLoss": "HDML inside HDML is not defined (the inner one needs features and an embedder)",
+    "CrossBatchMemory": "it would enqueue HDML's synthetic embeddings into its memory as if they were real",
+    "SelfSupervisedLoss": "it takes (embeddings, ref_emb), not labels and tuples",
+    "InstanceLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
+    "P2SGradLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
+    "PNPLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
+    "RankedListLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
+    "VICRegLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
+}
+
+
+def _check_wrapped_loss(loss) -> None:
+    for cls in type(loss).__mro__:
+        if cls.__name__ in _UNUSABLE_LOSSES:
+            raise ValueError(f"HDMLLoss cannot wrap {type(loss).__name__}: {_UNUSABLE_LOSSES[cls.__name__]}")
+
+
+class _Unwalked(collections.UserDict):
+    """A mapping that is not a ``dict``, so record-keeper's walk does not enter it.
+
+    PML's ``HookContainer`` asks record-keeper to walk ``loss_funcs`` recursively through every
+    attribute that is a Module or a dict, ``nn.Module._modules`` included; inside a generator such
+    as an ``nn.Sequential`` that walk names SQLite tables after child indices
+    ("0_Linear__parameters") and crashes at the first ``save_records()``, and it records every
+    weight tensor on the way. torch only needs a mutable mapping as ``_modules``; :class:`HDMLLoss`
+    uses this one and exposes what is worth recording (its own terms, the wrapped loss and miner)
+    explicitly."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,13 +315,27 @@ class HDMLLoss(ModuleWithRecords):
             adaptive ``1 - exp(-β/J_gen_avg)`` with a generator, 0.5 without.
         triplets_per_anchor: triplets synthesised when no tuples are given/mined; ``None`` = the
             wrapped loss's ``triplets_per_anchor`` if it has one, else ``"all"``.
-        max_synthetic_tuples: optional cap T on synthetic triplets (random subset) to bound cost.
+        max_synthetic_tuples: cap T on synthetic triplets per step (a random subset of the given,
+            mined or default triplets; J_m still sees all of them); default 512, chosen from a
+            side-by-side measurement (README, HDML: the FontGlyphs HDML-Triplet step with
+            semi-hard mining went from 1.29x the plain step without a cap to 1.12x); ``None`` =
+            no cap. The official code uses 40 triplets per batch. N-pair mode is not capped
+            (N·(N-1) negatives for N classes).
         average: ``"block"`` (official) or ``"ema"`` for J_avg and J_gen_avg.
         block_size: block length of the block average (official 64).
         ema_momentum: momentum of the ema option.
         initial_average: starting J_avg and J_gen_avg (official 1e6: no pull, w ≈ 1).
         javg_source: what feeds J_avg: ``"weighted"`` (official: ``w·J_m``) or ``"raw"`` (J_m);
             ``None`` = weighted with a generator, raw without.
+        on_nonfinite: ``"raise"`` (default): a NaN/inf J_gen, J_metric or J_cls raises
+            :class:`HDMLNonFiniteError` naming the term, its recent values and the usual cause.
+            ``"skip"`` (the official code's behaviour): the batch gives a zero loss connected to
+            the graph, the running averages are left alone, ``num_skipped_batches`` counts it and
+            ``last_batch_skipped`` is True (Adam still moves the parameters on a zero-gradient
+            step by its momentum; skip the optimiser step when that flag is set, as the trainer
+            :class:`pml_ext.trainers.HardnessAwareDeepMetricLearning` does).
+
+    Labels may be any integer dtype (int8 ... int64, uint8); they are used as int64.
 
     Recordable attributes (``_record_these``, read by record-keeper): J_m, J_syn, J_metric,
     J_gen, J_recon, J_soft, J_cls, J_avg, J_gen_avg, metric_weight (w), syn_weight (1-w or s),
@@ -294,6 +352,9 @@ class HDMLLoss(ModuleWithRecords):
     TUPLE_MODES = ("auto", "triplet", "npair")
     SYNTHESIZE = ("all", "negatives")
     JAVG_SOURCES = ("weighted", "raw")
+    ON_NONFINITE = ("raise", "skip")
+    CHECKED_TERMS = ("J_gen", "J_metric", "J_cls")  # in the order their failures cause each other
+    HISTORY = 8  # recent values shown in a non-finite error
 
     def __init__(
         self,
@@ -314,18 +375,22 @@ class HDMLLoss(ModuleWithRecords):
         synthesize: str = "all",
         synthetic_weight: Optional[float] = None,
         triplets_per_anchor=None,
-        max_synthetic_tuples: Optional[int] = None,
+        max_synthetic_tuples: Optional[int] = DEFAULT_MAX_SYNTHETIC_TUPLES,
         average: str = "block",
         block_size: int = 64,
         ema_momentum: float = 0.99,
         initial_average: float = 1e6,
         javg_source: Optional[str] = None,
+        on_nonfinite: str = "raise",
         **kwargs,
     ):
         super().__init__(**kwargs)
         # ---- validation
         if not callable(loss) or not isinstance(loss, torch.nn.Module):
             raise ValueError(f"loss must be a torch.nn.Module loss (e.g. a PML loss), got {type(loss).__name__}")
+        _check_wrapped_loss(loss)
+        if on_nonfinite not in self.ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {self.ON_NONFINITE}, got {on_nonfinite!r}")
         if miner is not None and (not callable(miner) or not isinstance(miner, torch.nn.Module)):
             raise ValueError(f"miner must be a PML miner (torch.nn.Module) or None, got {type(miner).__name__}")
         _check_nonneg("alpha", alpha)
@@ -391,6 +456,10 @@ class HDMLLoss(ModuleWithRecords):
         self.javg_source = javg_source if javg_source is not None else ("weighted" if use_generator else "raw")
         self.javg_tracker = RunningLossAverage(average, block_size, ema_momentum, initial_average)
         self.jgen_tracker = RunningLossAverage(average, block_size, ema_momentum, initial_average)
+        self.on_nonfinite = on_nonfinite
+        self.num_skipped_batches = 0
+        self.last_batch_skipped = False
+        self.history = _Unwalked({k: collections.deque(maxlen=self.HISTORY) for k in self.CHECKED_TERMS})
 
         self.add_to_recordable_attributes(list_of_names=["alpha", "beta", "lambda_", "softmax_factor"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -398,10 +467,20 @@ class HDMLLoss(ModuleWithRecords):
                 "J_m", "J_syn", "J_metric", "J_gen", "J_recon", "J_soft", "J_cls",
                 "J_avg", "J_gen_avg", "metric_weight", "syn_weight", "hardness_decay",
                 "pull_strength", "mean_pull_coefficient", "fraction_pullable", "num_synthetic_tuples",
+                "num_skipped_batches",
             ],
             is_stat=False,
         )
         self._set_records({})
+        # record-keeper: hide the submodules (generator, classifier, running averages) from
+        # HookContainer's recursive walk; show it the wrapped loss and miner (see _Unwalked)
+        self.__dict__["_modules"] = _Unwalked(self._modules)
+        self.__dict__["recorded_modules"] = {"loss": loss, "miner": miner}
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("loss", "miner") and "recorded_modules" in self.__dict__:
+            self.__dict__["recorded_modules"][name] = value
 
     # ---------------------------------------------------------------- public helpers
     @property
@@ -456,13 +535,18 @@ class HDMLLoss(ModuleWithRecords):
                 out = out + (terms[k] - terms[k].detach()).to(out.dtype)
         return out
 
-    def compute_terms(self, features, labels, embedder: Callable, indices_tuple=None) -> Dict[str, torch.Tensor]:
-        """Un-routed terms (the plain graph, as in the official code): dict with J_m, J_syn,
-        J_metric and, with a generator, J_recon, J_soft, J_gen, J_cls. Every term is connected to
+    def compute_terms(self, features, labels, embedder: Callable, indices_tuple=None, routed: bool = False,
+                      miner: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
+        """The terms as a dict: J_m, J_syn, J_metric and, with a generator, J_recon, J_soft, J_gen,
+        J_cls. Updates the running averages like ``forward`` (in training mode).
+
+        ``routed=False`` (the plain graph, as in the official code): every term is connected to
         every parameter it depends on; restrict each backward to its own group yourself, e.g.
         ``torch.autograd.backward(terms["J_gen"], inputs=list(hdml.generator.parameters()))``.
-        Updates the running averages like ``forward`` (in training mode)."""
-        return self._compute(features, labels, embedder, indices_tuple, routed=False)
+        ``routed=True``: J_metric reaches only the backbone/embedder (and the wrapped loss),
+        J_gen only the generator, J_cls only the classifier, so ``J_metric + J_gen + J_cls`` can
+        be backpropagated at once (what the trainer does). ``miner`` overrides ``self.miner``."""
+        return self._compute(features, labels, embedder, indices_tuple, routed=routed, miner=miner)
 
     # ---------------------------------------------------------------- internals
     def _set_records(self, rec):
@@ -482,6 +566,9 @@ class HDMLLoss(ModuleWithRecords):
     def _check_inputs(self, features, labels, embedder):
         if not torch.is_tensor(features) or not features.is_floating_point() or features.dim() == 0:
             raise ValueError("features must be a floating-point tensor")
+        if not bool(torch.isfinite(features.detach()).all()):
+            raise ValueError("features contain NaN or inf (the backbone diverged or the input is bad); "
+                             "HDML cannot make finite synthetic tuples from them")
         if self.use_generator and features.dim() != 2:
             raise ValueError(f"features must be 2-D [batch, feature_size] with a generator, got shape {tuple(features.shape)}")
         if not torch.is_tensor(labels) or labels.dim() != 1:
@@ -564,15 +651,43 @@ class HDMLLoss(ModuleWithRecords):
     def _classify(self, y, routed):
         return _frozen_call(self.classifier, y) if routed else self.classifier(y)
 
-    def _compute(self, features, labels, embedder, indices_tuple, routed):
+    def _nonfinite(self, terms: Dict[str, torch.Tensor]) -> Optional[str]:
+        """Logs this batch's checked terms; returns the first non-finite one (None if all finite)."""
+        values = {k: float(terms[k].detach()) for k in self.CHECKED_TERMS if k in terms}
+        for k, v in values.items():
+            self.history[k].append(v)
+        return next((k for k, v in values.items() if not math.isfinite(v)), None)
+
+    def _nonfinite_message(self, term: str, terms: Dict[str, torch.Tensor]) -> str:
+        recent = ", ".join(f"{v:.4g}" for v in self.history[term])
+        parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        causes = {
+            "J_gen": "The generator's objective diverged. Usual cause: the generator's learning rate with a "
+            "scale-sensitive optimiser. J_gen = J_recon + J_soft is ~1e4 times J_metric (softmax_factor "
+            "1e4, summed reconstruction), so e.g. SGD at the official generator lr 1e-2 takes steps ~1e4 "
+            "times too large; use Adam (scale-invariant, as the official code) or lower the generator's "
+            "lr by about that factor.",
+            "J_metric": "The metric loss on the real (J_m) or synthetic (J_syn) tuples is not finite. Usual "
+            "cause: the generator diverged first (see J_gen's recent values) and fed non-finite synthetic "
+            "features to the embedder, i.e. the generator's learning rate with a scale-sensitive optimiser "
+            "(SGD); otherwise the backbone/embedder learning rate is too high for its optimiser.",
+            "J_cls": "The softmax classifier's cross-entropy on real features diverged. Usual cause: the "
+            "classifier's learning rate with a scale-sensitive optimiser (the official code uses Adam, lr 1e-3).",
+        }
+        return (f"HDML: {term} is {float(terms[term].detach())} on this batch (recent values, oldest first: "
+                f"{recent}; all terms now: {parts}). {causes[term]} To skip such batches instead (the "
+                "official code's behaviour), pass on_nonfinite='skip'.")
+
+    def _compute(self, features, labels, embedder, indices_tuple, routed, miner=None):
         self.reset_stats()
         self._check_inputs(features, labels, embedder)
-        labels = labels.to(features.device)
+        labels = labels.to(device=features.device, dtype=torch.long)  # any integer width (CE needs int64)
         emb = embedder(features)
         if not torch.is_tensor(emb) or emb.dim() != 2 or emb.shape[0] != features.shape[0]:
             raise ValueError("embedder(features) must return a [batch, embedding_size] tensor")
-        if indices_tuple is None and self.miner is not None:
-            indices_tuple = self.miner(emb, labels)
+        miner = self.miner if miner is None else miner
+        if indices_tuple is None and miner is not None:
+            indices_tuple = miner(emb, labels)
 
         j_avg = self.javg_tracker.read()
         w, s = self.current_weights()
@@ -683,6 +798,21 @@ class HDMLLoss(ModuleWithRecords):
         terms["J_m"] = j_m
         terms["J_syn"] = j_syn
         terms["J_metric"] = w * j_m + s * j_syn
+
+        self.last_batch_skipped = False
+        bad = self._nonfinite(terms)
+        if bad is not None:
+            if self.on_nonfinite == "raise":
+                raise HDMLNonFiniteError(self._nonfinite_message(bad, terms))
+            # skip the batch: zeros connected to the graph (features are finite: checked above)
+            zero = (features * 0).sum()
+            rec = {k: float(v.detach()) for k, v in terms.items()}
+            self.num_skipped_batches += 1
+            self._set_records(dict(rec, metric_weight=w, syn_weight=s, hardness_decay=decay,
+                                   pull_strength=1.0 - decay, num_synthetic_tuples=n_syn))
+            self.last_batch_skipped = True
+            return {k: zero + _zero_from(gen_params, zero) if k in ("J_gen", "J_recon", "J_soft") else zero
+                    for k in terms}
 
         # ---------------- running averages and records
         jm_val = float(j_m.detach())
