@@ -460,6 +460,32 @@ def near_duplicate(imgs: np.ndarray, thr: float) -> List[int]:
     return keep
 
 
+def fork_pairs(per_concept: Iterable[Sequence[Tuple[int, np.ndarray]]], close: float, min_frac: float
+               ) -> Tuple[Dict[Tuple[int, int], Tuple[int, int]], set]:
+    """Theme pairs that copy each other: ({(a, b): (concepts both draw, of them within ``close``)},
+    {(a, b) with a share of close pairs >= ``min_frac``}).  Distance: :func:`mad` with 8x8 blocks."""
+    stats: Dict[Tuple[int, int], List[int]] = collections.defaultdict(lambda: [0, 0])
+    for items in per_concept:
+        items = sorted(items, key=lambda ti: ti[0])
+        for i, (ta, a) in enumerate(items):
+            for tb, b in items[i + 1:]:
+                st = stats[(ta, tb)]
+                st[0] += 1
+                st[1] += mad(a, b, block=8) <= close
+    out = {k: (v[0], v[1]) for k, v in sorted(stats.items())}
+    return out, {k for k, (n, c) in out.items() if n and c / n >= min_frac}
+
+
+def fork_copies(themes: Sequence[int], imgs: np.ndarray, forks: set, thr: float) -> List[int]:
+    """Indices (theme order) to keep: an image is dropped if an earlier kept image of a theme it
+    forms a fork pair with is within ``thr`` (:func:`mad`, 8x8 blocks)."""
+    keep: List[int] = []
+    for i in range(len(imgs)):
+        if all((themes[j], themes[i]) not in forks or mad(imgs[i], imgs[j], block=8) > thr for j in keep):
+            keep.append(i)
+    return keep
+
+
 def split_classes(n: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Seeded class-disjoint halves of ``range(n)`` (train gets the extra class when n is odd)."""
     perm = np.random.RandomState(seed).permutation(n)
@@ -543,6 +569,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--alias-min-frac", type=float, default=2 / 3)
     ap.add_argument("--near-mad", type=float, default=10.0,
                     help="near-exact duplicate: mean |diff| <= this (0-255) on 16x16 box averages, drawn cells")
+    ap.add_argument("--fork-close", type=float, default=15.0, help="copy distance for the fork-pair statistic")
+    ap.add_argument("--fork-min-frac", type=float, default=0.3, help="share of copies that makes a fork pair")
+    ap.add_argument("--fork-mad", type=float, default=25.0, help="drop distance inside a fork pair (8x8 blocks)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sheet-concepts", type=int, default=40)
     args = ap.parse_args(argv)
@@ -577,7 +606,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"as conflicts; {len(concepts)} concepts with >= {args.min_themes} themes before rendering", flush=True)
 
     # 3. render one image per (theme, concept)
-    theme_ids = {t: i for i, t in enumerate(THEMES.values())}
+    th_names = list(THEMES.values())
+    theme_ids = {t: i for i, t in enumerate(th_names)}
     cache: Dict[str, np.ndarray] = {}
     rendered: List[Tuple[int, int, IconFile, np.ndarray]] = []  # concept index, theme id, file, image
     blank = 0
@@ -606,7 +636,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     per_c: Dict[int, List[Tuple[int, int, IconFile, np.ndarray]]] = collections.defaultdict(list)
     for r in rendered:
         per_c[r[0]].append(r)
-    n_exact = n_near = n_few = 0
+    pair_stats, forks = fork_pairs(([(r[1], r[3]) for r in rs] for rs in per_c.values()), args.fork_close,
+                                   args.fork_min_frac)
+    n_exact = n_near = n_fork = n_few = 0
     kept: List[Tuple[Concept, List[Tuple[int, int, IconFile, np.ndarray]]]] = []
     for ci in sorted(per_c):
         rs = per_c[ci]
@@ -617,6 +649,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         n_ex = len(hashes) - len(set(hashes))
         n_exact += n_ex
         n_near += n_dup - n_ex
+        rs = [rs[i] for i in keep]
+        keep = fork_copies([r[1] for r in rs], np.stack([r[3] for r in rs]), forks, args.fork_mad)
+        n_fork += len(rs) - len(keep)
         rs = [rs[i] for i in keep]
         if len(rs) < args.min_themes:
             n_few += 1
@@ -633,6 +668,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"versions": vers, "seed": args.seed, "size": SIZE, "background": list(BACKGROUND),
             "min_themes": args.min_themes, "near_mad": args.near_mad, "alias_min_themes": args.alias_min_themes,
             "alias_min_frac": args.alias_min_frac,
+            "fork_close": args.fork_close, "fork_min_frac": args.fork_min_frac, "fork_mad": args.fork_mad,
             "packages": {p: pkgs[p].version for p in list(THEMES) + list(TOOL_PACKAGES)},
             "themes": THEMES, "renderer": "rsvg-convert -w 64 -h 64 -a (SVG); Pillow LANCZOS (bitmaps)"}
     os.makedirs(out_dir, exist_ok=True)
@@ -654,7 +690,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stats = {"seconds": time.time() - t0, "scan_counts": scan_counts, "skipped": skipped, "n_pairs": n_pairs,
              "n_merged": n_merged, "n_dropped": len(dropped), "n_before": len(concepts), "n_rendered": len(rendered)
              + n_ambiguous, "blank": blank, "n_ambiguous": n_ambiguous, "n_exact": n_exact, "n_near": n_near,
+             "n_fork": n_fork, "pair_stats": pair_stats, "forks": forks,
              "n_few": n_few, "digest": digest, "size_mb": os.path.getsize(args.out) / 1e6}
+    print(f"fork pairs: {sorted((th_names[a], th_names[b]) for a, b in forks)}; fork copies dropped: {n_fork}")
     write_report(os.path.join(out_dir, "build_report.md"), args, meta, stats, kept, labels, themes, files_used,
                  train_classes, test_classes)
     return 0
@@ -681,7 +719,7 @@ def write_licenses(path: str, pkgs, themes: np.ndarray) -> None:
 
 def write_report(path: str, args, meta, stats, kept, labels, themes, files_used, train_classes, test_classes) -> None:
     per_c = np.bincount(labels)
-    th_names = list(THEMES.values())
+    th_names = th = list(THEMES.values())
     rep = ["# IconThemes build report", "",
            f"Built by `benchmarks/build_iconthemes.py` in {stats['seconds']:.0f} s.", "",
            "## Summary", "",
@@ -723,10 +761,20 @@ def write_report(path: str, args, meta, stats, kept, labels, themes, files_used,
            f"dropped: {stats['n_exact']}; near-exact (mean |difference| <= {args.near_mad}/255 between 4x4 box averages (16x16), over the "
            f"cells drawn in either image): {stats['n_near']}.  The threshold was chosen by eye from pairs of",
            "   one concept: below ~8 nearly all pairs are copies (gnome/mate/Adwaita forks, elementary-xfce/Faba);",
-           "   between 8 and 15 copies and distinct but similar drawings (generic text pages) mix; some copies",
-           "   with larger differences (other colours, other source sizes) remain.",
-           f"9. **Concepts with < {args.min_themes} images left** dropped: {stats['n_few']}.",
-           f"10. **Split**: the concepts (sorted by name) are permuted with numpy RandomState({args.seed}); "
+           "   between 8 and 15 copies and distinct but similar drawings (generic text pages) mix; copies with",
+           "   larger differences (other colours, other source sizes) are caught by rule 9 only inside fork pairs.",
+           f"9. **Forks**: a theme pair is a fork pair when >= {args.fork_min_frac:.0%} of the concepts both draw are",
+           f"   within {args.fork_close} of each other (the distance of rule 8 with 8x8 blocks, i.e. an 8x8 grid); inside a",
+           f"   fork pair a later theme's image within {args.fork_mad} of an earlier one is dropped (copies re-exported at",
+           "   another size or re-tinted).  Fork pairs: " + ", ".join(
+               f"{th[a]}/{th[b]} ({stats['pair_stats'][(a, b)][1]} of {stats['pair_stats'][(a, b)][0]})"
+               for a, b in sorted(stats["forks"])) + f"; images dropped: {stats['n_fork']}.",
+           "   Most similar other pairs (copies / concepts both draw): " + ", ".join(
+               f"{th[a]}/{th[b]} {c}/{n}" for (a, b), (n, c) in sorted(
+                   ((k, v) for k, v in stats["pair_stats"].items() if k not in stats["forks"]),
+                   key=lambda kv: -kv[1][1] / max(kv[1][0], 1))[:4]) + ".",
+           f"10. **Concepts with < {args.min_themes} images left** dropped: {stats['n_few']}.",
+           f"11. **Split**: the concepts (sorted by name) are permuted with numpy RandomState({args.seed}); "
            "half go to test.", "",
            "## Per theme", "", "| theme | package | version | files scanned | names | images kept |",
            "| --- | --- | --- | --- | --- | --- |"]
