@@ -665,7 +665,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     files_used = [r[2] for _, rs in kept for r in rs]
     names = [c.name for c, _ in kept]
     train_classes, test_classes = split_classes(len(kept), args.seed)
-    meta = {"versions": vers, "seed": args.seed, "size": SIZE, "background": list(BACKGROUND),
+    meta = {"versions": vers, "fork_pairs": sorted([th_names[a], th_names[b]] for a, b in forks), "seed": args.seed, "size": SIZE, "background": list(BACKGROUND),
             "min_themes": args.min_themes, "near_mad": args.near_mad, "alias_min_themes": args.alias_min_themes,
             "alias_min_frac": args.alias_min_frac,
             "fork_close": args.fork_close, "fork_min_frac": args.fork_min_frac, "fork_mad": args.fork_mad,

@@ -278,7 +278,8 @@ def build_training(cfg: Dict[str, Any], method: str, loss_name: str, hp: Dict[st
     """(trunk, head, loss_fn, miner, is_hdml, optimizer) of one cell, seeded by the caller."""
     tcfg, mcfg = cfg["train"], cfg["model"]
     trunk, head, feature_size = build_model(mcfg["name"], mcfg["embedding_size"], mcfg.get("weights"),
-                                           in_channels=mcfg.get("in_channels", 1))
+                                           in_channels=mcfg.get("in_channels", 1),
+                                           input_pool=mcfg.get("input_pool", 1))
     loss_fn, miner, is_hdml = build_method(method, loss_name, hp, feature_size, mcfg["embedding_size"],
                                            num_classes)
     trunk, head, loss_fn = trunk.to(device), head.to(device), loss_fn.to(device)

@@ -73,11 +73,17 @@ def test_one_image_per_theme_and_near_copies_removed(raw):
     meta = json.loads(str(raw["metadata"]))
     pairs = set(zip(y.tolist(), th.tolist()))
     assert len(pairs) == len(y)  # one drawing per (concept, theme)
-    for c in np.unique(y)[::7]:  # a sample of the concepts: every pair is farther apart than the rule
+    names = [str(t) for t in raw["theme_names"]]
+    forks = {tuple(p) for p in meta["fork_pairs"]}
+    assert ("gnome", "mate") in forks
+    for c in np.unique(y)[::5]:  # a sample of the concepts: every pair is farther apart than the rules
         idx = np.nonzero(y == c)[0]
         for a in range(len(idx)):
             for b in range(a + 1, len(idx)):
-                assert B.mad(x[idx[a]], x[idx[b]]) > meta["near_mad"]
+                i, j = idx[a], idx[b]
+                assert B.mad(x[i], x[j]) > meta["near_mad"]
+                if (names[th[i]], names[th[j]]) in forks or (names[th[j]], names[th[i]]) in forks:
+                    assert B.mad(x[i], x[j], block=8) > meta["fork_mad"]
 
 
 def test_errors(tmp_path):
@@ -224,3 +230,10 @@ def test_render_composite_mad_and_split():
     tr2, te2 = B.split_classes(11, seed=3)
     assert np.array_equal(tr, tr2) and np.array_equal(te, te2)
     assert B.is_faint(np.full((64, 64, 3), 250, np.uint8)) and not B.is_faint(a)
+    # fork pairs: themes 0 and 1 copy each other in 2 of 2 concepts, theme 2 draws its own
+    c = np.full((64, 64, 3), 255, np.uint8)
+    c[40:60, 0:30] = 0
+    stats, forks = B.fork_pairs([[(0, a), (1, b), (2, c)], [(1, b), (0, a)]], close=15.0, min_frac=0.5)
+    assert stats[(0, 1)] == (2, 2) and stats[(0, 2)] == (1, 0) and forks == {(0, 1)}
+    assert B.fork_copies([0, 1, 2], np.stack([a, b, c]), forks, thr=25.0) == [0, 2]
+    assert B.fork_copies([0, 2], np.stack([a, a]), forks, thr=25.0) == [0, 1]  # not a fork pair: kept
