@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     test = IconThemes("test", path=args.data)
     x = torch.from_numpy(test.images).permute(0, 3, 1, 2).float().div_(255)
     y = torch.from_numpy(test.labels)
-    print(f"{args.data}: test {len(test)} images / {test.num_classes} concepts")
+    print(f"{os.path.relpath(args.data, ROOT)}: test {len(test)} images / {test.num_classes} concepts")
     res = {}
     for block, name in ((1, "pixels 64x64"), (4, "pixels 16x16"), (8, "pixels 8x8")):
         res[name] = recall_at_k(pixels(x, block), y)
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                             np.asarray(test.theme_names)[test.theme_ids])
     print(f"\nR@1 of '{best}' by category and by theme of the query:")
     for title, d in (("category", by_cat), ("theme", by_theme)):
-        print(f"| {title} | queries | R@1 |\n| --- | --- | --- |")
+        print(f"\n| {title} | queries | R@1 |\n| --- | --- | --- |")
         for g, (r1, n) in d.items():
             print(f"| {g} | {n} | {100 * r1:.1f} |")
     if args.json:
