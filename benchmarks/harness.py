@@ -162,7 +162,7 @@ def image_sources(cfg: Dict[str, Any], split: str):
     classes = {"cub": ds.CUB200, "cars": ds.Cars196, "sop": ds.StanfordOnlineProducts,
                "imagefolder": ds.ImageFolderSplit}
     if data["name"] not in classes:
-        raise ValueError(f"unknown dataset {data['name']!r}; expected fontglyphs or one of {sorted(classes)}")
+        raise ValueError(f"unknown dataset {data['name']!r}; expected one of {ARRAY_DATASETS + tuple(sorted(classes))}")
     cls = classes[data["name"]]
     workers = cfg["train"].get("workers", 0)
     train = cls(root, split="train")
