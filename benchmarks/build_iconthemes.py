@@ -563,7 +563,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--work-dir", default="/tmp/iconthemes-work", help="scratch dir for unpacking (outside the repo)")
     ap.add_argument("--out", default=os.path.join(ROOT, "data/iconthemes/iconthemes.npz"))
     ap.add_argument("--contact-sheet", default=os.path.join(ROOT, "docs/iconthemes_contact_sheet.png"))
-    ap.add_argument("--rsvg-convert", default=None, help="rsvg-convert binary (default: from librsvg2-bin in --debs-dir)")
+    ap.add_argument("--rsvg-convert", default=None,
+                    help="rsvg-convert binary (default: from librsvg2-bin in --debs-dir)")
     ap.add_argument("--min-themes", type=int, default=5, help="keep concepts drawn by at least this many themes")
     ap.add_argument("--alias-min-themes", type=int, default=2)
     ap.add_argument("--alias-min-frac", type=float, default=2 / 3)
@@ -665,7 +666,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     files_used = [r[2] for _, rs in kept for r in rs]
     names = [c.name for c, _ in kept]
     train_classes, test_classes = split_classes(len(kept), args.seed)
-    meta = {"versions": vers, "fork_pairs": sorted([th_names[a], th_names[b]] for a, b in forks), "seed": args.seed, "size": SIZE, "background": list(BACKGROUND),
+    meta = {"versions": vers, "fork_pairs": sorted([th_names[a], th_names[b]] for a, b in forks),
+            "seed": args.seed, "size": SIZE, "background": list(BACKGROUND),
             "min_themes": args.min_themes, "near_mad": args.near_mad, "alias_min_themes": args.alias_min_themes,
             "alias_min_frac": args.alias_min_frac,
             "fork_close": args.fork_close, "fork_min_frac": args.fork_min_frac, "fork_mad": args.fork_mad,
@@ -735,13 +737,15 @@ def write_report(path: str, args, meta, stats, kept, labels, themes, files_used,
            "## Rules (in order) and counts", "",
            "1. **One flavour per theme**: " + ", ".join(f"{p} -> `{t}`" for p, t in THEMES.items()) + ".  Only the",
            "   directories its `index.theme` declares are read; `@2x` (Scale > 1), `symbolic`, `animations` and",
-           "   `panel` (white tray icons for dark panels) directories are skipped, and so are names ending in " + ", ".join(f"`{s}`" for s in VARIANT_SUFFIXES)
+           "   `panel` (white tray icons for dark panels) directories are skipped, and so are names ending in "
+           + ", ".join(f"`{s}`" for s in VARIANT_SUFFIXES)
            + " and `*.symbolic.png` (variants of a name, not other drawings).  Formats: PNG, SVG, SVGZ.",
            "2. **One file per (theme, name)**: the directory nearest to 64 px (|log2(size/64)|; a scalable",
            "   directory counts as 64 px when 64 is inside [MinSize, MaxSize]); ties: the larger size, then a",
            "   fixed-size directory, then the path.",
            f"3. **Aliases merged (union-find)**: two names are one concept when one theme has them as the same file",
-           f"   (symlink, resolved) or byte-identical files, at any size, in >= {args.alias_min_themes} themes and in >= "
+           f"   (symlink, resolved) or byte-identical files, at any size, in >= {args.alias_min_themes} themes"
+           " and in >= "
            f"{args.alias_min_frac:.0%} of the themes that have both names.  {stats['n_pairs']} name pairs share a file "
            f"somewhere; {stats['n_merged']} pairs merged.",
            "   The literal rule (merge on a single shared file) was measured first: generic fall-back files",
@@ -754,18 +758,22 @@ def write_report(path: str, args, meta, stats, kept, labels, themes, files_used,
            "6. **Render** at 64 px: SVG/SVGZ with rsvg-convert `-w 64 -h 64 -a`; bitmaps composited on the",
            "   background at their own size and resized with Pillow LANCZOS (longer side 64, centred).",
            f"   Concepts drawn by >= {args.min_themes} themes before rendering: {stats['n_before']}; images rendered: "
-           f"{stats['n_rendered']}; blank or faint renders dropped (fewer than 2% of the pixels differ from the background by > 48): {stats['blank']}.",
+           f"{stats['n_rendered']}; blank or faint renders dropped (fewer than 2% of the pixels differ from the "
+           f"background by > 48): {stats['blank']}.",
            f"7. **Identical renders in two concepts** are ambiguous drawings: dropped from all of them: "
            f"{stats['n_ambiguous']} images.",
            f"8. **Repeats inside a concept** (themes copying each other), in theme order: exact pixel repeats "
-           f"dropped: {stats['n_exact']}; near-exact (mean |difference| <= {args.near_mad}/255 between 4x4 box averages (16x16), over the "
+           f"dropped: {stats['n_exact']}; near-exact (mean |difference| <= {args.near_mad}/255 between 4x4 box "
+           "averages (16x16), over the "
            f"cells drawn in either image): {stats['n_near']}.  The threshold was chosen by eye from pairs of",
            "   one concept: below ~8 nearly all pairs are copies (gnome/mate/Adwaita forks, elementary-xfce/Faba);",
            "   between 8 and 15 copies and distinct but similar drawings (generic text pages) mix; copies with",
            "   larger differences (other colours, other source sizes) are caught by rule 9 only inside fork pairs.",
            f"9. **Forks**: a theme pair is a fork pair when >= {args.fork_min_frac:.0%} of the concepts both draw are",
-           f"   within {args.fork_close} of each other (the distance of rule 8 with 8x8 blocks, i.e. an 8x8 grid); inside a",
-           f"   fork pair a later theme's image within {args.fork_mad} of an earlier one is dropped (copies re-exported at",
+           f"   within {args.fork_close} of each other (the distance of rule 8 with 8x8 blocks, i.e. an 8x8 grid);"
+           " inside a",
+           f"   fork pair a later theme's image within {args.fork_mad} of an earlier one is dropped (copies"
+           " re-exported at",
            "   another size or re-tinted).  Fork pairs: " + ", ".join(
                f"{th[a]}/{th[b]} ({stats['pair_stats'][(a, b)][1]} of {stats['pair_stats'][(a, b)][0]})"
                for a, b in sorted(stats["forks"])) + f"; images dropped: {stats['n_fork']}.",
