@@ -152,14 +152,14 @@ def _parse_dep5(text: str) -> Tuple[bool, List[Tuple[List[str], str]]]:
     return True, out
 
 
-def unpack_debs(debs_dir: str, work_dir: str) -> Dict[str, Package]:
-    """Unpack the wanted .deb files with ``dpkg-deb -x``; return package info."""
+def unpack_debs(debs_dir: str, work_dir: str, packages: Sequence[str] = PACKAGES) -> Dict[str, Package]:
+    """Unpack the wanted .deb files (``packages``) with ``dpkg-deb -x``; return package info."""
     debs = sorted(f for f in os.listdir(debs_dir) if f.endswith(".deb"))
     pkgs: Dict[str, Package] = {}
     for deb in debs:
         path = os.path.join(debs_dir, deb)
         name = subprocess.check_output(["dpkg-deb", "-f", path, "Package"], text=True).strip()
-        if name not in PACKAGES:
+        if name not in packages:
             continue
         version = subprocess.check_output(["dpkg-deb", "-f", path, "Version"], text=True).strip()
         if name in pkgs:
@@ -174,7 +174,7 @@ def unpack_debs(debs_dir: str, work_dir: str) -> Dict[str, Package]:
             with open(cp, encoding="utf-8", errors="replace") as fh:
                 pkg.dep5, pkg.licenses = _parse_dep5(fh.read())
         pkgs[name] = pkg
-    missing = [p for p in PACKAGES if p not in pkgs]
+    missing = [p for p in packages if p not in pkgs]
     if missing:
         raise SystemExit(
             f"missing .deb files in {debs_dir} for: {', '.join(missing)} "

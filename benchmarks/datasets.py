@@ -15,6 +15,10 @@ test classes are disjoint.
   (``image_id class_id super_class_id path``).
 * :class:`ImageFolderSplit`: ``root/<class>/<image>``, with an optional seeded
   class-disjoint split.
+* :class:`IconThemes`: icon concepts drawn by 13 Debian icon themes, 64x64 RGB,
+  shipped in the repository as ``data/iconthemes/iconthemes.npz`` (built by
+  ``benchmarks/build_iconthemes.py``); :func:`load_iconthemes` gives arrays with
+  the interface of ``pml_ext.data.load_font_glyphs``.
 
 The papers' pre-processing is :func:`paper_transforms`: resize to 256x256,
 random 227x227 crop and horizontal flip for training, centre 227x227 crop for
@@ -26,10 +30,12 @@ point ``root`` at them.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -45,6 +51,9 @@ __all__ = [
     "class_disjoint_split",
     "CorruptImageError",
     "IMAGE_EXTENSIONS",
+    "ICONTHEMES_PATH",
+    "load_iconthemes",
+    "IconThemes",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -356,3 +365,103 @@ class ImageFolderSplit(ImageListDataset):
             raise FileNotFoundError(f"ImageFolderSplit: no images with extensions {exts} under {root} for split {split!r}")
         super().__init__(paths, labels, transform, split == "train", check_files, name="ImageFolderSplit")
         self.class_names: List[str] = [all_classes[c] for c in self.class_ids]
+
+
+# ----------------------------------------------------------------------------- IconThemes
+ICONTHEMES_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "data", "iconthemes", "iconthemes.npz")
+_ICON_KEYS = ("images", "labels", "themes", "concept_names", "theme_names", "train_classes", "test_classes")
+_ICON_CACHE: Dict[Tuple[str, float], Dict[str, Any]] = {}
+
+
+def _read_iconthemes(path: Optional[str]) -> Tuple[str, Dict[str, Any]]:
+    p = ICONTHEMES_PATH if path is None else os.fspath(path)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"IconThemes: dataset file not found: {p} (the repository ships "
+                                "data/iconthemes/iconthemes.npz; rebuild it with benchmarks/build_iconthemes.py)")
+    key = (os.path.abspath(p), os.path.getmtime(p))
+    if key not in _ICON_CACHE:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as e:  # not an npz / truncated
+            raise ValueError(f"IconThemes: cannot read {p}: {type(e).__name__}: {e}") from e
+        missing = [k for k in _ICON_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"IconThemes: {p} is not an IconThemes file (missing arrays: {', '.join(missing)})")
+        _ICON_CACHE.clear()  # keep at most one file in memory
+        _ICON_CACHE[key] = data
+    return p, _ICON_CACHE[key]
+
+
+def _select_iconthemes(data: Dict[str, Any], split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    _check_split(split)
+    concepts = data["labels"]
+    classes = np.unique(concepts) if split == "all" else np.sort(data[f"{split}_classes"])
+    idx = np.nonzero(np.isin(concepts, classes))[0]
+    return idx, np.searchsorted(classes, concepts[idx]).astype(np.int64), classes
+
+
+def load_iconthemes(path: Optional[str] = None, split: str = "train") -> Tuple[np.ndarray, np.ndarray]:
+    """IconThemes images and labels as numpy arrays.
+
+    Args:
+        path: an IconThemes ``.npz``; ``None`` for ``data/iconthemes/iconthemes.npz`` of the checkout.
+        split: ``"train"`` / ``"test"`` (class-disjoint halves of the concepts, seeded split stored
+            in the file) or ``"all"``.
+
+    Returns:
+        ``(images, labels)``: uint8 [N, 64, 64, 3] (RGB, icons composited on white) and int64
+        labels remapped to ``0..C-1`` within the split.
+    """
+    _, data = _read_iconthemes(path)
+    idx, labels, _ = _select_iconthemes(data, split)
+    return data["images"][idx], labels
+
+
+class IconThemes(Dataset):
+    """IconThemes as a torch ``Dataset`` of ``(image, label)``: a class is one icon concept
+    (``edit-copy``, ``folder-music`` ...), its images are its drawings by 5-13 icon themes.
+
+    Args:
+        split: ``"train"``, ``"test"`` or ``"all"``; train and test concepts are disjoint.
+        path: IconThemes ``.npz``; ``None`` for ``data/iconthemes/iconthemes.npz``.
+        transform: optional callable on an RGB ``PIL.Image``; without it the image is a float
+            tensor [3, 64, 64] in [0, 1].
+
+    Attributes:
+        images (np.ndarray): uint8 [N, 64, 64, 3].
+        labels (np.ndarray): int64 [N] in ``0..num_classes-1``.
+        concept_ids, theme_ids (np.ndarray): the concept (row of ``concept_names`` in the file)
+            and theme (row of ``theme_names``) of every image.
+        class_names (list[str]), theme_names (list[str]), num_classes (int),
+        metadata (dict): build metadata (package versions, renderer, seed, ...).
+    """
+
+    def __init__(self, split: str = "train", path: Optional[str] = None,
+                 transform: Optional[Callable[[Any], Any]] = None) -> None:
+        self.path, data = _read_iconthemes(path)
+        idx, labels, classes = _select_iconthemes(data, split)
+        self.split, self.transform = split, transform
+        self.images: np.ndarray = data["images"][idx]
+        self.labels: np.ndarray = labels
+        self.concept_ids: np.ndarray = data["labels"][idx]
+        self.theme_ids: np.ndarray = data["themes"][idx]
+        self.class_names: List[str] = [str(data["concept_names"][c]) for c in classes]
+        self.theme_names: List[str] = [str(t) for t in data["theme_names"]]
+        self.num_classes: int = len(classes)
+        self.metadata: Dict[str, Any] = json.loads(str(data["metadata"])) if "metadata" in data else {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Tuple[Any, int]:
+        img = self.images[i]
+        if self.transform is not None:
+            from PIL import Image
+
+            return self.transform(Image.fromarray(img, "RGB")), int(self.labels[i])
+        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), int(self.labels[i])
+
+    def __repr__(self) -> str:
+        return f"IconThemes(split={self.split!r}, images={len(self)}, classes={self.num_classes})"

@@ -24,6 +24,7 @@ from pml_ext.losses import EmbeddingExpansionLoss, HPHNTripletLoss
 from .models import build_model
 
 METHODS = ("plain", "ee", "hdml")
+ARRAY_DATASETS = ("fontglyphs", "iconthemes")  # in-memory uint8 arrays (grey [N,H,W] or RGB [N,H,W,3])
 LOSSES = ("triplet", "hphn", "npair", "lifted", "ms")
 
 
@@ -64,14 +65,22 @@ def load_arrays(cfg: Dict[str, Any], split: str) -> Tuple[np.ndarray, np.ndarray
     train classes is held out for evaluation and the rest is trained on.
     """
     data = cfg["data"]
-    if data["name"] != "fontglyphs":
-        raise ValueError(f"load_arrays handles FontGlyphs; {data['name']!r} goes through image_datasets()")
-    from pml_ext.data import load_font_glyphs
+    if data["name"] not in ARRAY_DATASETS:
+        raise ValueError(f"load_arrays handles {ARRAY_DATASETS}; {data['name']!r} goes through image_datasets()")
+    if data["name"] == "iconthemes":
+        from .datasets import load_iconthemes
 
-    path = data.get("path")
-    tr_x, tr_y = load_font_glyphs(path=path, split="train", view=data.get("view", "font"))
+        def load(split):
+            return load_iconthemes(path=data.get("path"), split=split)
+    else:
+        from pml_ext.data import load_font_glyphs
+
+        def load(split):
+            return load_font_glyphs(path=data.get("path"), split=split, view=data.get("view", "font"))
+
+    tr_x, tr_y = load("train")
     if split == "test":
-        te_x, te_y = load_font_glyphs(path=path, split="test", view=data.get("view", "font"))
+        te_x, te_y = load("test")
         return tr_x, tr_y, te_x, te_y
     if split != "val":
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
@@ -100,11 +109,13 @@ def augment(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Te
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
+    """uint8 [N,H,W] (grey) or [N,H,W,3] (RGB) -> float [N,C,H,W] in [0, 1]."""
+    x = torch.from_numpy(images).float().div_(255.0)
+    return x.permute(0, 3, 1, 2).contiguous() if x.dim() == 4 else x.unsqueeze(1)
 
 
 class ArraySource:
-    """In-memory grey images (FontGlyphs): batches are tensors, augmented by random shifts."""
+    """In-memory images (FontGlyphs, IconThemes): batches are tensors, augmented by random shifts."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, shift: int = 0):
         self.images = to_float(images)
@@ -151,7 +162,7 @@ def image_sources(cfg: Dict[str, Any], split: str):
     classes = {"cub": ds.CUB200, "cars": ds.Cars196, "sop": ds.StanfordOnlineProducts,
                "imagefolder": ds.ImageFolderSplit}
     if data["name"] not in classes:
-        raise ValueError(f"unknown dataset {data['name']!r}; expected fontglyphs or one of {sorted(classes)}")
+        raise ValueError(f"unknown dataset {data['name']!r}; expected one of {ARRAY_DATASETS + tuple(sorted(classes))}")
     cls = classes[data["name"]]
     workers = cfg["train"].get("workers", 0)
     train = cls(root, split="train")
@@ -176,7 +187,7 @@ def _with_eval_transform(dataset):
 
 
 def sources(cfg: Dict[str, Any], split: str):
-    if cfg["data"]["name"] == "fontglyphs":
+    if cfg["data"]["name"] in ARRAY_DATASETS:
         tr_x, tr_y, ev_x, ev_y = load_arrays(cfg, split)
         return ArraySource(tr_x, tr_y, cfg["train"].get("shift", 0)), ArraySource(ev_x, ev_y)
     return image_sources(cfg, split)
@@ -266,7 +277,9 @@ def build_training(cfg: Dict[str, Any], method: str, loss_name: str, hp: Dict[st
                    device: str = "cpu"):
     """(trunk, head, loss_fn, miner, is_hdml, optimizer) of one cell, seeded by the caller."""
     tcfg, mcfg = cfg["train"], cfg["model"]
-    trunk, head, feature_size = build_model(mcfg["name"], mcfg["embedding_size"], mcfg.get("weights"))
+    trunk, head, feature_size = build_model(mcfg["name"], mcfg["embedding_size"], mcfg.get("weights"),
+                                           in_channels=mcfg.get("in_channels", 1),
+                                           input_pool=mcfg.get("input_pool", 1))
     loss_fn, miner, is_hdml = build_method(method, loss_name, hp, feature_size, mcfg["embedding_size"],
                                            num_classes)
     trunk, head, loss_fn = trunk.to(device), head.to(device), loss_fn.to(device)

@@ -11,9 +11,12 @@ __all__ = ["GlyphConvNet", "EmbeddingHead", "googlenet_trunk", "build_model"]
 
 
 class GlyphConvNet(nn.Module):
-    """A small CNN for 32x32 grey glyphs (CPU protocol): four conv blocks, global average pool."""
+    """A small CNN for 32x32 grey glyphs (CPU protocol): four conv blocks, global average pool.
 
-    def __init__(self, width: int = 32, feature_size: int = 128):
+    ``in_channels=3`` takes RGB images (IconThemes); ``input_pool=2`` first averages 2x2 blocks
+    (64x64 icons -> 32x32, a quarter of the compute on CPU); the global pool makes it size-agnostic."""
+
+    def __init__(self, width: int = 32, feature_size: int = 128, in_channels: int = 1, input_pool: int = 1):
         super().__init__()
 
         def block(cin, cout, pool=True):
@@ -23,7 +26,8 @@ class GlyphConvNet(nn.Module):
             return layers
 
         self.features = nn.Sequential(
-            *block(1, width), *block(width, 2 * width), *block(2 * width, 4 * width),
+            *([nn.AvgPool2d(input_pool)] if input_pool > 1 else []),
+            *block(in_channels, width), *block(width, 2 * width), *block(2 * width, 4 * width),
             *block(4 * width, feature_size, pool=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.feature_size = feature_size
@@ -80,10 +84,11 @@ def _load_strict(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)  # shape mismatches raise here, naming the key
 
 
-def build_model(kind: str, embedding_size: int, weights_path: Optional[str] = None):
-    """(trunk, head, feature_size) for a config's model name."""
+def build_model(kind: str, embedding_size: int, weights_path: Optional[str] = None, in_channels: int = 1,
+                input_pool: int = 1):
+    """(trunk, head, feature_size) for a config's model name (``in_channels``, ``input_pool``: glyph CNN only)."""
     if kind == "glyph_cnn":
-        trunk = GlyphConvNet()
+        trunk = GlyphConvNet(in_channels=in_channels, input_pool=input_pool)
         size = trunk.feature_size
     elif kind == "googlenet":
         trunk, size = googlenet_trunk(weights_path)
