@@ -392,6 +392,10 @@ class BatchLayout:
     def __getattr__(self, name):
         # the padded [C, K] slot structures are built on first use: the grouped search
         # (embedding_expansion_groups) does not need them
+        if name == "slots":
+            m = self.expanded.labels.numel()
+            self.slots = _class_slots(self.classes[self.expanded.first] if m else self.classes, self.num_classes)
+            return self.slots
         if name in BatchLayout._BLOCKED:
             self._build_blocked()
             return self.__dict__[name]
@@ -402,8 +406,7 @@ class BatchLayout:
         b, m, device = ex.num_originals, ex.labels.numel(), classes.device
         originals = self._original_slots
         k = originals.shape[1]
-        self.slots = _class_slots(classes[ex.first] if m else classes, c)  # [C, K]
-        kk = self.slots.shape[1]
+        kk = self.slots.shape[1]  # [C, K]
         valid = self.slots < m
         self.valid_slot = None if bool(valid.all()) else valid
         flat = self.slots.flatten().clamp(max=max(m - 1, 0))
@@ -561,6 +564,9 @@ class _SelectedPairValues(torch.autograd.Function):
 
 
 _SEARCH_CHUNK_ENTRIES = 1 << 22  # bound on the transient search block, in entries (16 MB in float32)
+# "auto": the blocked search below or the grouped one (embedding_expansion_groups), whichever the
+# cost model expects cheaper for the label pattern; "blocked" / "groups" force one (tests)
+_SEARCH = "auto"
 
 
 def _search_class_pairs(block, c: int, kk: int, inverted: bool, valid: Optional[torch.Tensor],
@@ -625,11 +631,15 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     products themselves (``search_inverted=True``) without square roots. ``originals_best``
     also returns the best value per class pair over originals only (the miner's statistics).
     """
-    slots = layout.slots
-    c, kk, k = layout.weights.shape
     kind = gram_kind(distance)
     if kind is None:
         return _hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
+    from .embedding_expansion_groups import hardest_negative_pairs_in_groups, use_groups
+
+    if _SEARCH == "groups" or (_SEARCH == "auto" and use_groups(layout)):
+        return hardest_negative_pairs_in_groups(embeddings, layout, distance, kind, normalize, originals_best)
+    slots = layout.slots
+    c, kk, k = layout.weights.shape
     x = distance.maybe_normalize(embeddings)
     gram = _Gram.apply(x)
     gs = gram.index_select(0, layout.originals).index_select(1, layout.originals).view(c, k, c, k)

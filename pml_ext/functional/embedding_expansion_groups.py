@@ -1,0 +1,261 @@
+"""EE's hard negative pair search over groups of equal-size classes (Ko & Gu, CVPR 2020, §3.2).
+
+The blocked search (:func:`~pml_ext.functional.hardest_negative_pairs_in_layout`) pads every class to
+the largest class's expanded size K and searches C²K² entries. That is exact work for balanced
+batches, but with unequal classes (random labels, long-tailed data) the padded box is far larger
+than the M² pairs of the expanded set that exists: with ``pairs="all"`` a class of k samples has
+k + n·k(k−1)/2 points, so one large class sets K for all. Here the cost follows the expanded set:
+
+- classes are grouped by their expanded size (equal sizes share a group without padding;
+  neighbouring sizes are merged when a cost model says one more group costs more than its
+  padding, :func:`class_groups`);
+- stage 1: for every group, the inner products of all M expanded points with the group's
+  points, [M, C_h·K_h] from the B x B Gram matrix by two gathers (every point is a combination of
+  two originals), reduced over each class's K_h points: the best point of every class for every
+  expanded point, [M, C] (a loop over the few groups; rows in memory chunks when large);
+- stage 2: the best row point of every class for every class, one scatter reduction over the
+  [M, C] table (classes contiguous or not).
+
+:func:`use_groups` chooses between the two searches per batch from the label pattern alone.
+The gradient flows only through the C² selected pairs, from the endpoints of their points
+(:class:`_SelectedEndpointValues`).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+
+from .embedding_expansion import (
+    HardestPairs,
+    _Gram,
+    _mat_from_gram,
+    _pair_chain,
+    _pair_chain_backward,
+    _safe_inverse,
+    _sq_norms,
+    safe_sqrt,
+)
+
+__all__ = ["ClassGroup", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
+
+# Cost model, in units of one search entry of the grouped stage 1 (measured on CPU, B = 128,
+# d = 512: benchmarks.perf_ee --calibrate): a blocked-search entry is cheaper (batched products,
+# no gathers), and each group adds a fixed number of small operations.
+_BLOCKED_ENTRY_COST = 0.5
+_GROUP_COST = 20_000  # entries' worth of time per extra group (~a dozen small ops)
+_SEARCH_CHUNK_ENTRIES = 1 << 22  # bound on the transient stage-1 block, in entries
+
+
+class ClassGroup(NamedTuple):
+    """Classes searched together. ``slots[c, s]`` is the expanded-set index of the s-th point of
+    the group's c-th class; a class smaller than the group's size repeats its last point (a
+    duplicate changes no minimum or maximum), so no slot is ever masked. ``original_slots``: the
+    same for the class's originals only (the miner's statistics)."""
+
+    classes: torch.Tensor  # [C_g] class indices
+    slots: torch.Tensor  # [C_g, K_g] expanded-set indices
+    original_slots: torch.Tensor  # [C_g, k_g] indices of originals
+
+
+def _partition(sizes: List[int], counts: List[int], m: int) -> List[int]:
+    """Ends of the groups over sizes sorted ascending (indices into ``sizes``, exclusive): the
+    grouping minimising m·Σ_g K_g·C_g + groups·_GROUP_COST (dynamic programme over the distinct
+    sizes, a handful)."""
+    d = len(sizes)
+    prefix = [0]
+    for n in counts:
+        prefix.append(prefix[-1] + n)
+    best, cut = [0.0] + [float("inf")] * d, [0] * (d + 1)
+    for j in range(1, d + 1):
+        for i in range(j):
+            cost = best[i] + m * sizes[j - 1] * (prefix[j] - prefix[i]) + _GROUP_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ends, j = [], d
+    while j > 0:
+        ends.append(j)
+        j = cut[j]
+    return ends[::-1]
+
+
+def class_groups(layout) -> List[ClassGroup]:
+    """The class groups of a :class:`~pml_ext.functional.BatchLayout` (cached on it)."""
+    return layout.extra("groups", _build_groups)
+
+
+def _padded_members(order, start, sizes, cls, width):
+    """[len(cls), width] members of each class from a class-contiguous order, the last repeated."""
+    slot = torch.arange(width, device=order.device)
+    return order[start[cls][:, None] + torch.minimum(slot[None, :], sizes[cls][:, None] - 1)]
+
+
+def _build_groups(layout) -> List[ClassGroup]:
+    ex, sizes = layout.expanded, layout.class_sizes
+    m = ex.labels.numel()
+    if m == 0:
+        return []
+    order = torch.sort(layout.classes[ex.first], stable=True).indices  # class-contiguous, originals first
+    start = torch.cumsum(sizes, 0) - sizes
+    k_sizes = torch.bincount(layout.classes, minlength=layout.num_classes)
+    sorted_sizes, by_size = torch.sort(sizes, stable=True)
+    distinct, counts = torch.unique_consecutive(sorted_sizes, return_counts=True)
+    distinct, counts = distinct.tolist(), counts.tolist()
+    groups, first_class, first_size = [], 0, 0
+    for end in _partition(distinct, counts, m):
+        n_classes = sum(counts[first_size:end])
+        cls = by_size[first_class:first_class + n_classes]
+        k_g = int(k_sizes[cls].max())
+        groups.append(ClassGroup(cls, _padded_members(order, start, sizes, cls, distinct[end - 1]),
+                                 _padded_members(order, start, k_sizes, cls, k_g)))
+        first_class, first_size = first_class + n_classes, end
+    return groups
+
+
+def use_groups(layout) -> bool:
+    """Whether the grouped search is expected to be cheaper than the blocked one for this label
+    pattern (from class sizes only; the answer is cached on the layout)."""
+    return layout.extra("use_groups", _choose)
+
+
+def _choose(layout) -> bool:
+    sizes = layout.class_sizes
+    c, m = layout.num_classes, int(sizes.sum())
+    if c == 0 or m == 0:
+        return False
+    kk = int(sizes.max())
+    k = int(torch.bincount(layout.classes, minlength=c).max())
+    blocked = _BLOCKED_ENTRY_COST * (c * kk) * (c * kk + c * k)
+    if blocked <= m * m:  # already (nearly) unpadded: no grouping can beat it
+        return False
+    groups = class_groups(layout)
+    grouped = sum(m * g.slots.numel() + _GROUP_COST for g in groups)
+    return grouped < blocked
+
+
+class _SelectedEndpointValues(torch.autograd.Function):
+    """The distance of selected expanded-point pairs from the originals' Gram matrix.
+
+    ``ends`` [4, ...]: the row point's two originals, then the column point's; ``weights`` [4, ...]
+    their weights (EE Eq. 1, before Eq. 2's scaling); ``syn_r``/``syn_c``: the point is an
+    L2-normalised synthetic point; ``same``: the pair is one point. With r the pair's inner
+    product and n each point's squared norm (a few Gram entries each), the value is
+    ``_pair_chain``; the backward adds the ten weighted Gram entries' gradients in one index_put.
+    """
+
+    @staticmethod
+    def forward(ctx, gram, ends, weights, syn_r, syn_c, same, euclidean: bool, power):
+        fr, sr, fc, sc = ends
+        a, b, c, d = weights
+        r = a * c * gram[fr, fc] + a * d * gram[fr, sc] + b * c * gram[sr, fc] + b * d * gram[sr, sc]
+        n_r = _sq_norms(gram, fr, sr, a, b)
+        n_c = _sq_norms(gram, fc, sc, c, d)
+        value, saved = _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean, power)
+        ctx.save_for_backward(ends, weights, *saved)
+        ctx.euclidean, ctx.power, ctx.gram_shape = euclidean, power, gram.shape
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u):
+        ends, weights, *saved = ctx.saved_tensors
+        u_r, u_nr, u_nc = _pair_chain_backward(u, *saved, ctx.euclidean, ctx.power)
+        fr, sr, fc, sc = ends
+        a, b, c, d = weights
+        rows = torch.stack([fr, fr, sr, sr, fr, fr, sr, fc, fc, sc])
+        cols = torch.stack([fc, sc, fc, sc, fr, sr, sr, fc, sc, sc])
+        vals = torch.stack([u_r * a * c, u_r * a * d, u_r * b * c, u_r * b * d,
+                            u_nr * a * a, 2 * u_nr * a * b, u_nr * b * b,
+                            u_nc * c * c, 2 * u_nc * c * d, u_nc * d * d])
+        grad = torch.zeros(ctx.gram_shape, dtype=u.dtype, device=u.device)
+        grad.index_put_((rows.flatten(), cols.flatten()), vals.flatten(), accumulate=True)
+        return grad, None, None, None, None, None, None, None
+
+
+def _segment_best(values, segment, num_segments, inverted, worst):
+    """Best of ``values`` [R, M] over the columns of each segment (``segment`` [M] in
+    0..S-1), [R, S], and the first column attaining it: two scatter reductions, no sort."""
+    r, m = values.shape
+    index = segment[None, :].expand(r, m)
+    best = values.new_full((r, num_segments), worst).scatter_reduce(1, index, values, "amax" if inverted else "amin")
+    hit = values == best.gather(1, index)
+    first = torch.where(hit, torch.arange(m, device=values.device)[None, :], m)
+    arg = torch.full((r, num_segments), m, dtype=torch.long, device=values.device).scatter_reduce(1, index, first, "amin")
+    return best, arg.clamp(max=max(m - 1, 0))
+
+
+def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance, kind: str,
+                                     normalize: bool = True, originals_best: bool = False) -> HardestPairs:
+    """EE's hard negative pair mining (§3.2) by the grouped search (module docstring); the same
+    result as :func:`~pml_ext.functional.hardest_negative_pairs_in_layout` (up to exact ties).
+
+    Stage 1 computes, column class by column class, only the best value against every expanded
+    point (values, no indices: a plain reduction over the slots). Stage 2 finds, for every class
+    pair, the best row point from that [C, M] table; stage 3 recomputes the C·M values of those
+    row points against every point of the column class to find the column point.
+    """
+    ex, c = layout.expanded, layout.num_classes
+    b, m = ex.num_originals, ex.labels.numel()
+    x = distance.maybe_normalize(embeddings)
+    gram = _Gram.apply(x)
+    f, s = ex.first, ex.second
+    w_f, w_s = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
+    normalizing = normalize and bool(ex.is_synthetic.any())
+    with torch.no_grad():
+        gd = gram.detach()
+        sq = _sq_norms(gd, f, s, w_f, w_s)  # [M] squared norms before EE Eq. 2
+        wf, ws = w_f, w_s
+        if normalizing:
+            scale = torch.where(ex.is_synthetic, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
+            wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
+        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
+                     and bool((sq > 0.5).all()))
+        inverted = True if on_sphere else distance.is_inverted
+        worst = float("-inf") if inverted else float("inf")
+        # gt[j, p] = <original j, expanded point p>: two row gathers of the Gram matrix, transposed
+        gt = (wf[:, None] * gd.index_select(0, f) + ws[:, None] * gd.index_select(0, s)).t().contiguous()
+
+        def transform(r, sq_q, sq_p):
+            if on_sphere:
+                return r
+            if kind == "euclidean":
+                r = safe_sqrt(sq_q + sq_p - 2 * r)
+            return r**distance.power if distance.power != 1 else r
+
+        def against_all(q, width):
+            """[len(q), width] search values of points q against points 0..width-1."""
+            g = gt[:, :width]
+            r = g.index_select(0, f[q]) * wf[q, None] + g.index_select(0, s[q]) * ws[q, None]
+            return transform(r, sq[q, None], sq[None, :width])
+
+        def pairwise(q, p):
+            """Search values of point pairs (q, p), broadcast."""
+            return transform(gt[f[q], p] * wf[q] + gt[s[q], p] * ws[q], sq[q], sq[p])
+
+        reduce = torch.amax if inverted else torch.amin
+        best_cp = gd.new_empty((c, m))  # best value of each class's points against each point
+        best_orig = gd.new_empty((c, b)) if originals_best else None
+        for g in class_groups(layout):
+            cg, kg = g.slots.shape
+            step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, kg * m))
+            for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
+                q = g.slots[lo:lo + step].flatten()
+                best_cp[g.classes[lo:lo + step]] = reduce(against_all(q, m).view(-1, kg, m), dim=1)
+            if originals_best:
+                best_orig[g.classes] = reduce(against_all(g.original_slots.flatten(), b).view(cg, -1, b), dim=1)
+        point_class = layout.classes[f]
+        # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
+        best_yx, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
+        # stage 3: every point q of class y against the row point chosen for (x, y); the first best q
+        q = torch.arange(m, device=gd.device)[:, None]
+        _, cols = _segment_best(pairwise(q, rows_yx.index_select(0, point_class)).t(), point_class, c, inverted,
+                                worst)  # [x, y]
+        rows = rows_yx.t()
+        best_orig_cc = _segment_best(best_orig, layout.classes, c, inverted, worst)[0].t() if originals_best else None
+        syn = ex.is_synthetic & normalizing
+        ends = torch.stack([f[rows], s[rows], f[cols], s[cols]])
+        weights = torch.stack([w_f[rows], w_s[rows], w_f[cols], w_s[cols]])
+    hardest = _SelectedEndpointValues.apply(gram, ends, weights, syn[rows], syn[cols], rows == cols,
+                                            kind == "euclidean", distance.power)
+    return HardestPairs(hardest, rows, cols, best_yx.t(), best_orig_cc, inverted, layout.slots,
+                        _mat_from_gram(gram, kind, distance.power))
