@@ -48,14 +48,31 @@ _SEARCH_CHUNK_ENTRIES = 1 << 22  # bound on the transient stage-1 block, in entr
 
 
 class ClassGroup(NamedTuple):
-    """Classes searched together. ``slots[c, s]`` is the expanded-set index of the s-th point of
-    the group's c-th class; a class smaller than the group's size repeats its last point (a
-    duplicate changes no minimum or maximum), so no slot is ever masked. ``original_slots``: the
-    same for the class's originals only (the miner's statistics)."""
+    """Classes searched together, their points at positions of :attr:`ClassGroups.order`.
+    ``slots[c, s]`` is the position of the s-th point of the group's c-th class; a class smaller
+    than the group's size repeats its last point (a duplicate changes no minimum or maximum), so
+    no slot is masked. Stage 1 searches the group's points against positions ``row_start..M-1``:
+    the points of its own group (when it has several classes) and of every later group; a pair
+    of classes in different groups is searched once, from the earlier (smaller) group."""
 
     classes: torch.Tensor  # [C_g] class indices
-    slots: torch.Tensor  # [C_g, K_g] expanded-set indices
-    original_slots: torch.Tensor  # [C_g, k_g] indices of originals
+    slots: torch.Tensor  # [C_g, K_g] positions
+    row_start: int
+
+
+class ClassGroups(NamedTuple):
+    """The expanded set reordered class by class, classes by ascending expanded size."""
+
+    order: torch.Tensor  # [M] expanded-set index at each position
+    point_class: torch.Tensor  # [M] class of the point at each position
+    group_of_class: torch.Tensor  # [C] group number of each class
+    alone: torch.Tensor  # [C] bool: the class is alone in its group (its own pairs are not searched)
+    groups: List[ClassGroup]
+
+    def entries(self) -> int:
+        """Stage-1 search entries (the cost model's measure)."""
+        m = self.order.numel()
+        return sum(g.slots.numel() * (m - g.row_start) for g in self.groups)
 
 
 def _partition(sizes: List[int], counts: List[int], m: int) -> List[int]:
@@ -79,37 +96,37 @@ def _partition(sizes: List[int], counts: List[int], m: int) -> List[int]:
     return ends[::-1]
 
 
-def class_groups(layout) -> List[ClassGroup]:
+def class_groups(layout) -> ClassGroups:
     """The class groups of a :class:`~pml_ext.functional.BatchLayout` (cached on it)."""
     return layout.extra("groups", _build_groups)
 
 
-def _padded_members(order, start, sizes, cls, width):
-    """[len(cls), width] members of each class from a class-contiguous order, the last repeated."""
-    slot = torch.arange(width, device=order.device)
-    return order[start[cls][:, None] + torch.minimum(slot[None, :], sizes[cls][:, None] - 1)]
-
-
-def _build_groups(layout) -> List[ClassGroup]:
-    ex, sizes = layout.expanded, layout.class_sizes
-    m = ex.labels.numel()
-    if m == 0:
-        return []
-    order = torch.sort(layout.classes[ex.first], stable=True).indices  # class-contiguous, originals first
-    start = torch.cumsum(sizes, 0) - sizes
-    k_sizes = torch.bincount(layout.classes, minlength=layout.num_classes)
+def _build_groups(layout) -> ClassGroups:
+    ex, sizes, c = layout.expanded, layout.class_sizes, layout.num_classes
+    m, device = ex.labels.numel(), sizes.device
     sorted_sizes, by_size = torch.sort(sizes, stable=True)
+    rank = torch.empty_like(by_size)
+    rank[by_size] = torch.arange(c, device=device)
+    point_rank = rank[layout.classes[ex.first]]
+    order = torch.sort(point_rank, stable=True).indices  # class by class, originals first in each
+    start = torch.cumsum(sorted_sizes, 0) - sorted_sizes  # [C] first position, by rank
     distinct, counts = torch.unique_consecutive(sorted_sizes, return_counts=True)
     distinct, counts = distinct.tolist(), counts.tolist()
-    groups, first_class, first_size = [], 0, 0
-    for end in _partition(distinct, counts, m):
+    groups, first_rank, first_size = [], 0, 0
+    group_of_rank = torch.empty(c, dtype=torch.long, device=device)
+    alone = torch.zeros(c, dtype=torch.bool, device=device)
+    for number, end in enumerate(_partition(distinct, counts, m) if m else []):
         n_classes = sum(counts[first_size:end])
-        cls = by_size[first_class:first_class + n_classes]
-        k_g = int(k_sizes[cls].max())
-        groups.append(ClassGroup(cls, _padded_members(order, start, sizes, cls, distinct[end - 1]),
-                                 _padded_members(order, start, k_sizes, cls, k_g)))
-        first_class, first_size = first_class + n_classes, end
-    return groups
+        ranks = slice(first_rank, first_rank + n_classes)
+        slot = torch.arange(distinct[end - 1], device=device)
+        slots = start[ranks][:, None] + torch.minimum(slot[None, :], sorted_sizes[ranks][:, None] - 1)
+        group_start = int(start[first_rank])
+        row_start = group_start if n_classes > 1 else group_start + distinct[end - 1]
+        groups.append(ClassGroup(by_size[ranks], slots, row_start))
+        group_of_rank[ranks] = number
+        alone[ranks] = n_classes == 1
+        first_rank, first_size = first_rank + n_classes, end
+    return ClassGroups(order, layout.classes[ex.first[order]], group_of_rank[rank], alone[rank], groups)
 
 
 def use_groups(layout) -> bool:
@@ -129,8 +146,7 @@ def _choose(layout) -> bool:
     if blocked <= m * m:  # already (nearly) unpadded: no grouping can beat it
         return False
     groups = class_groups(layout)
-    grouped = sum(m * g.slots.numel() + _GROUP_COST for g in groups)
-    return grouped < blocked
+    return groups.entries() + _GROUP_COST * len(groups.groups) < blocked
 
 
 class _SelectedEndpointValues(torch.autograd.Function):
@@ -187,32 +203,37 @@ def _segment_best(values, segment, num_segments, inverted, worst):
 def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance, kind: str,
                                      normalize: bool = True, originals_best: bool = False) -> HardestPairs:
     """EE's hard negative pair mining (§3.2) by the grouped search (module docstring); the same
-    result as :func:`~pml_ext.functional.hardest_negative_pairs_in_layout` (up to exact ties).
+    result as :func:`~pml_ext.functional.hardest_negative_pairs_in_layout` off the diagonal (up
+    to exact ties). On the diagonal (a class against itself, which no loss uses) a class alone
+    in its group gets its first point paired with itself.
 
-    Stage 1 computes, column class by column class, only the best value against every expanded
+    Stage 1 computes, group by group, only the best value of each class against every later
     point (values, no indices: a plain reduction over the slots). Stage 2 finds, for every class
     pair, the best row point from that [C, M] table; stage 3 recomputes the C·M values of those
-    row points against every point of the column class to find the column point.
+    row points against every point of the column class to find the column point. Pairs searched
+    from the other side are mirrored (the search values are symmetric).
     """
     ex, c = layout.expanded, layout.num_classes
     b, m = ex.num_originals, ex.labels.numel()
+    grouped = class_groups(layout)
     x = distance.maybe_normalize(embeddings)
     gram = _Gram.apply(x)
-    f, s = ex.first, ex.second
     w_f, w_s = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
     normalizing = normalize and bool(ex.is_synthetic.any())
     with torch.no_grad():
         gd = gram.detach()
-        sq = _sq_norms(gd, f, s, w_f, w_s)  # [M] squared norms before EE Eq. 2
-        wf, ws = w_f, w_s
+        order, point_class = grouped.order, grouped.point_class
+        f, s = ex.first[order], ex.second[order]  # everything below is in position order
+        wf, ws = w_f[order], w_s[order]
+        sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
         if normalizing:
-            scale = torch.where(ex.is_synthetic, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
+            scale = torch.where(ex.is_synthetic[order], _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
             wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
         on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
                      and bool((sq > 0.5).all()))
         inverted = True if on_sphere else distance.is_inverted
         worst = float("-inf") if inverted else float("inf")
-        # gt[j, p] = <original j, expanded point p>: two row gathers of the Gram matrix, transposed
+        # gt[j, p] = <original j, point at position p>: two row gathers of the Gram matrix
         gt = (wf[:, None] * gd.index_select(0, f) + ws[:, None] * gd.index_select(0, s)).t().contiguous()
 
         def transform(r, sq_q, sq_p):
@@ -222,40 +243,60 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
                 r = safe_sqrt(sq_q + sq_p - 2 * r)
             return r**distance.power if distance.power != 1 else r
 
-        def against_all(q, width):
-            """[len(q), width] search values of points q against points 0..width-1."""
-            g = gt[:, :width]
-            r = g.index_select(0, f[q]) * wf[q, None] + g.index_select(0, s[q]) * ws[q, None]
-            return transform(r, sq[q, None], sq[None, :width])
+        def against(q, lo):
+            """[len(q), M - lo] search values of the points at positions q against positions lo.."""
+            g = gt[:, lo:]
+            r = g.index_select(0, f[q]).mul_(wf[q, None]).addcmul_(g.index_select(0, s[q]), ws[q, None])
+            return transform(r, sq[q, None], sq[None, lo:])
 
         def pairwise(q, p):
-            """Search values of point pairs (q, p), broadcast."""
+            """Search values of the position pairs (q, p), broadcast."""
             return transform(gt[f[q], p] * wf[q] + gt[s[q], p] * ws[q], sq[q], sq[p])
 
         reduce = torch.amax if inverted else torch.amin
-        best_cp = gd.new_empty((c, m))  # best value of each class's points against each point
-        best_orig = gd.new_empty((c, b)) if originals_best else None
-        for g in class_groups(layout):
+        best_cp = gd.new_full((c, m), worst)  # best value of each class's points against each point
+        for g in grouped.groups:
             cg, kg = g.slots.shape
-            step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, kg * m))
+            if g.row_start == m:
+                continue  # the last, largest class alone: its pairs were searched from the other side
+            step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, kg * (m - g.row_start)))
             for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
                 q = g.slots[lo:lo + step].flatten()
-                best_cp[g.classes[lo:lo + step]] = reduce(against_all(q, m).view(-1, kg, m), dim=1)
-            if originals_best:
-                best_orig[g.classes] = reduce(against_all(g.original_slots.flatten(), b).view(cg, -1, b), dim=1)
-        point_class = layout.classes[f]
+                best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(
+                    against(q, g.row_start).view(-1, kg, m - g.row_start), dim=1)
         # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
-        best_yx, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
+        _, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
         # stage 3: every point q of class y against the row point chosen for (x, y); the first best q
         q = torch.arange(m, device=gd.device)[:, None]
-        _, cols = _segment_best(pairwise(q, rows_yx.index_select(0, point_class)).t(), point_class, c, inverted,
-                                worst)  # [x, y]
+        _, cols = _segment_best(pairwise(q, rows_yx.index_select(0, point_class)).t(), point_class, c,
+                                inverted, worst)  # [x, y]
         rows = rows_yx.t()
-        best_orig_cc = _segment_best(best_orig, layout.classes, c, inverted, worst)[0].t() if originals_best else None
+        group, eye = grouped.group_of_class, layout.class_eye
+        direct = (group[:, None] > group[None, :]) | ((group[:, None] == group[None, :]) & ~(eye & grouped.alone))
+        mirror = group[:, None] < group[None, :]
+        first = _first_positions_of(point_class, c)
+        rows, cols = (torch.where(direct, rows, torch.where(mirror, cols.t(), first[:, None])),
+                      torch.where(direct, cols, torch.where(mirror, rows.t(), first[None, :])))
+        best = pairwise(rows, cols)
+        best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
+        rows, cols = order[rows], order[cols]
         syn = ex.is_synthetic & normalizing
-        ends = torch.stack([f[rows], s[rows], f[cols], s[cols]])
+        ends = torch.stack([ex.first[rows], ex.second[rows], ex.first[cols], ex.second[cols]])
         weights = torch.stack([w_f[rows], w_s[rows], w_f[cols], w_s[cols]])
     hardest = _SelectedEndpointValues.apply(gram, ends, weights, syn[rows], syn[cols], rows == cols,
                                             kind == "euclidean", distance.power)
-    return HardestPairs(hardest, rows, cols, best_yx.t(), best_orig_cc, inverted, layout.slots,
+    return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout.slots,
                         _mat_from_gram(gram, kind, distance.power))
+
+
+def _first_positions_of(point_class: torch.Tensor, c: int) -> torch.Tensor:
+    m = point_class.numel()
+    return torch.full((c,), m, dtype=torch.long, device=point_class.device).scatter_reduce(
+        0, point_class, torch.arange(m, device=point_class.device), "amin")
+
+
+def _originals_best(gd, classes, c, transform, inverted, worst):
+    """Best search value of every class pair over originals only, [C, C] (the miner's statistics)."""
+    sq = torch.diagonal(gd)
+    per_point, _ = _segment_best(transform(gd, sq[:, None], sq[None, :]), classes, c, inverted, worst)  # [B, y]
+    return _segment_best(per_point.t(), classes, c, inverted, worst)[0].t()
