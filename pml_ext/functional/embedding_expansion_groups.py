@@ -37,7 +37,7 @@ from .embedding_expansion import (
     safe_sqrt,
 )
 
-__all__ = ["ClassGroup", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
+__all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
 
 # Cost model, in units of one search entry of the grouped stage 1 (measured on CPU, B = 128,
 # d = 512: benchmarks.perf_ee --calibrate): a blocked-search entry is cheaper (batched products,
@@ -51,12 +51,17 @@ class ClassGroup(NamedTuple):
     """Classes searched together, their points at positions of :attr:`ClassGroups.order`.
     ``slots[c, s]`` is the position of the s-th point of the group's c-th class; a class smaller
     than the group's size repeats its last point (a duplicate changes no minimum or maximum), so
-    no slot is masked. Stage 1 searches the group's points against positions ``row_start..M-1``:
-    the points of its own group (when it has several classes) and of every later group; a pair
-    of classes in different groups is searched once, from the earlier (smaller) group."""
+    no slot is masked. ``weights[c, s]`` writes that point over the class's originals
+    ``originals[c]`` (batch indices, the last repeated with weight 0), as in
+    :class:`~pml_ext.functional.BatchLayout`. Stage 1 searches the group's points against
+    positions ``row_start..M-1``: the points of its own group (when it has several classes) and of
+    every later group; a pair of classes in different groups is searched once, from the earlier
+    (smaller) group."""
 
     classes: torch.Tensor  # [C_g] class indices
     slots: torch.Tensor  # [C_g, K_g] positions
+    weights: torch.Tensor  # [C_g, K_g, k_g] (EE Eq. 1, before Eq. 2's scaling)
+    originals: torch.Tensor  # [C_g·k_g] batch indices
     row_start: int
 
 
@@ -65,6 +70,11 @@ class ClassGroups(NamedTuple):
 
     order: torch.Tensor  # [M] expanded-set index at each position
     point_class: torch.Tensor  # [M] class of the point at each position
+    first: torch.Tensor  # [M] the point's two originals and their weights, by position
+    second: torch.Tensor
+    w_first: torch.Tensor
+    w_second: torch.Tensor
+    synthetic: torch.Tensor  # [M] bool
     group_of_class: torch.Tensor  # [C] group number of each class
     alone: torch.Tensor  # [C] bool: the class is alone in its group (its own pairs are not searched)
     groups: List[ClassGroup]
@@ -103,13 +113,19 @@ def class_groups(layout) -> ClassGroups:
 
 def _build_groups(layout) -> ClassGroups:
     ex, sizes, c = layout.expanded, layout.class_sizes, layout.num_classes
-    m, device = ex.labels.numel(), sizes.device
+    b, m, device = ex.num_originals, ex.labels.numel(), sizes.device
     sorted_sizes, by_size = torch.sort(sizes, stable=True)
     rank = torch.empty_like(by_size)
     rank[by_size] = torch.arange(c, device=device)
-    point_rank = rank[layout.classes[ex.first]]
-    order = torch.sort(point_rank, stable=True).indices  # class by class, originals first in each
+    order = torch.sort(rank[layout.classes[ex.first]], stable=True).indices  # class by class, originals first
+    first, second = ex.first[order], ex.second[order]
+    w_first, w_second = ex.w_first[order], ex.w_second[order]
     start = torch.cumsum(sorted_sizes, 0) - sorted_sizes  # [C] first position, by rank
+    k_sizes = torch.bincount(layout.classes, minlength=c)
+    # every original's place among its class's originals (batch order)
+    original_slots = layout._original_slots  # [C, k] batch indices, padding = B
+    place = torch.zeros(b + 1, dtype=torch.long, device=device)
+    place[original_slots] = torch.arange(original_slots.shape[1], device=device).expand_as(original_slots)
     distinct, counts = torch.unique_consecutive(sorted_sizes, return_counts=True)
     distinct, counts = distinct.tolist(), counts.tolist()
     groups, first_rank, first_size = [], 0, 0
@@ -118,15 +134,23 @@ def _build_groups(layout) -> ClassGroups:
     for number, end in enumerate(_partition(distinct, counts, m) if m else []):
         n_classes = sum(counts[first_size:end])
         ranks = slice(first_rank, first_rank + n_classes)
+        cls = by_size[ranks]
         slot = torch.arange(distinct[end - 1], device=device)
         slots = start[ranks][:, None] + torch.minimum(slot[None, :], sorted_sizes[ranks][:, None] - 1)
+        k_g = int(k_sizes[cls].max())
+        members = original_slots[cls, :k_g]
+        members = torch.where(members < b, members, members[:, :1])  # a repeated original, weight 0
+        w = torch.zeros(n_classes, slots.shape[1], k_g, dtype=w_first.dtype, device=device)
+        w.scatter_add_(2, place[first[slots]][..., None], w_first[slots][..., None])
+        w.scatter_add_(2, place[second[slots]][..., None], w_second[slots][..., None])
         group_start = int(start[first_rank])
         row_start = group_start if n_classes > 1 else group_start + distinct[end - 1]
-        groups.append(ClassGroup(by_size[ranks], slots, row_start))
+        groups.append(ClassGroup(cls, slots, w, members.flatten(), row_start))
         group_of_rank[ranks] = number
         alone[ranks] = n_classes == 1
         first_rank, first_size = first_rank + n_classes, end
-    return ClassGroups(order, layout.classes[ex.first[order]], group_of_rank[rank], alone[rank], groups)
+    return ClassGroups(order, layout.classes[first], first, second, w_first, w_second, ex.is_synthetic[order],
+                       group_of_rank[rank], alone[rank], groups)
 
 
 def use_groups(layout) -> bool:
@@ -223,18 +247,19 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
     with torch.no_grad():
         gd = gram.detach()
         order, point_class = grouped.order, grouped.point_class
-        f, s = ex.first[order], ex.second[order]  # everything below is in position order
-        wf, ws = w_f[order], w_s[order]
+        f, s = grouped.first, grouped.second  # everything below is in position order
+        wf, ws = grouped.w_first.to(gd.dtype), grouped.w_second.to(gd.dtype)
         sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
+        scale = None
         if normalizing:
-            scale = torch.where(ex.is_synthetic[order], _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
+            scale = torch.where(grouped.synthetic, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
             wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
         on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
                      and bool((sq > 0.5).all()))
         inverted = True if on_sphere else distance.is_inverted
         worst = float("-inf") if inverted else float("inf")
-        # gt[j, p] = <original j, point at position p>: two row gathers of the Gram matrix
-        gt = (wf[:, None] * gd.index_select(0, f) + ws[:, None] * gd.index_select(0, s)).t().contiguous()
+        # gt[j, p] = <original j, point at position p>: two column gathers of the Gram matrix
+        gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
 
         def transform(r, sq_q, sq_p):
             if on_sphere:
@@ -243,11 +268,15 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
                 r = safe_sqrt(sq_q + sq_p - 2 * r)
             return r**distance.power if distance.power != 1 else r
 
-        def against(q, lo):
-            """[len(q), M - lo] search values of the points at positions q against positions lo.."""
-            g = gt[:, lo:]
-            r = g.index_select(0, f[q]).mul_(wf[q, None]).addcmul_(g.index_select(0, s[q]), ws[q, None])
-            return transform(r, sq[q, None], sq[None, lo:])
+        def against(g: ClassGroup, lo: int, hi: int):
+            """Search values of classes lo..hi-1 of group g against positions g.row_start..M-1,
+            [classes, K_g, positions]: a batched product over each class's originals."""
+            w = g.weights[lo:hi].to(gd.dtype)
+            if scale is not None:
+                w = w * scale[g.slots[lo:hi]][..., None]
+            k = w.shape[2]
+            rows = gt[:, g.row_start:].index_select(0, g.originals[lo * k:hi * k]).view(hi - lo, k, -1)
+            return transform(torch.bmm(w, rows), sq[g.slots[lo:hi]][..., None], sq[g.row_start:])
 
         def pairwise(q, p):
             """Search values of the position pairs (q, p), broadcast."""
@@ -256,14 +285,12 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
         reduce = torch.amax if inverted else torch.amin
         best_cp = gd.new_full((c, m), worst)  # best value of each class's points against each point
         for g in grouped.groups:
-            cg, kg = g.slots.shape
             if g.row_start == m:
                 continue  # the last, largest class alone: its pairs were searched from the other side
+            cg, kg = g.slots.shape
             step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, kg * (m - g.row_start)))
             for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
-                q = g.slots[lo:lo + step].flatten()
-                best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(
-                    against(q, g.row_start).view(-1, kg, m - g.row_start), dim=1)
+                best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, lo, min(cg, lo + step)), dim=1)
         # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
         _, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
         # stage 3: every point q of class y against the row point chosen for (x, y); the first best q
