@@ -185,11 +185,11 @@ class _SelectedEndpointValues(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gram, ends, weights, syn_r, syn_c, same, euclidean: bool, power):
-        fr, sr, fc, sc = ends
-        a, b, c, d = weights
-        r = a * c * gram[fr, fc] + a * d * gram[fr, sc] + b * c * gram[sr, fc] + b * d * gram[sr, sc]
-        n_r = _sq_norms(gram, fr, sr, a, b)
-        n_c = _sq_norms(gram, fc, sc, c, d)
+        er, ec, wr, wc = ends[:2], ends[2:], weights[:2], weights[2:]  # [2, ...] each
+        # r = Σ_αβ wr_α wc_β G[er_α, ec_β]; n = Σ_αβ w_α w_β G[e_α, e_β] for each point
+        r = (gram[er[:, None], ec[None, :]] * (wr[:, None] * wc[None, :])).sum((0, 1))
+        n_r = (gram[er[:, None], er[None, :]] * (wr[:, None] * wr[None, :])).sum((0, 1))
+        n_c = (gram[ec[:, None], ec[None, :]] * (wc[:, None] * wc[None, :])).sum((0, 1))
         value, saved = _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean, power)
         ctx.save_for_backward(ends, weights, *saved)
         ctx.euclidean, ctx.power, ctx.gram_shape = euclidean, power, gram.shape
@@ -200,13 +200,13 @@ class _SelectedEndpointValues(torch.autograd.Function):
     def backward(ctx, u):
         ends, weights, *saved = ctx.saved_tensors
         u_r, u_nr, u_nc = _pair_chain_backward(u, *saved, ctx.euclidean, ctx.power)
-        fr, sr, fc, sc = ends
-        a, b, c, d = weights
-        rows = torch.stack([fr, fr, sr, sr, fr, fr, sr, fc, fc, sc])
-        cols = torch.stack([fc, sc, fc, sc, fr, sr, sr, fc, sc, sc])
-        vals = torch.stack([u_r * a * c, u_r * a * d, u_r * b * c, u_r * b * d,
-                            u_nr * a * a, 2 * u_nr * a * b, u_nr * b * b,
-                            u_nc * c * c, 2 * u_nc * c * d, u_nc * d * d])
+        er, ec, wr, wc = ends[:2], ends[2:], weights[:2], weights[2:]
+        rows = torch.cat([er[:, None].expand(2, 2, *u.shape), er[:, None].expand(2, 2, *u.shape),
+                          ec[:, None].expand(2, 2, *u.shape)])
+        cols = torch.cat([ec[None, :].expand(2, 2, *u.shape), er[None, :].expand(2, 2, *u.shape),
+                          ec[None, :].expand(2, 2, *u.shape)])
+        vals = torch.cat([u_r * wr[:, None] * wc[None, :], u_nr * wr[:, None] * wr[None, :],
+                          u_nc * wc[:, None] * wc[None, :]])
         grad = torch.zeros(ctx.gram_shape, dtype=u.dtype, device=u.device)
         grad.index_put_((rows.flatten(), cols.flatten()), vals.flatten(), accumulate=True)
         return grad, None, None, None, None, None, None, None
