@@ -3,6 +3,7 @@
     python -m benchmarks.perf_ee                      # every batch composition, B=128, d=512, n=2
     python -m benchmarks.perf_ee --compositions 32x4 zipf60
     python -m benchmarks.perf_ee --scaling            # time/memory over B and n (32 classes x 4 ...)
+    python -m benchmarks.perf_ee --paths              # EE's blocked vs grouped search, and the choice
 
 Every ratio is measured in one run, alternating our call and PML's on the same batch (order
 rotated every repeat). Batch compositions (B = 128):
@@ -158,6 +159,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--scaling", action="store_true", help="table over B in 64..512 and n in 0..8")
+    ap.add_argument("--paths", action="store_true",
+                    help="time the blocked and the grouped EE search (forward + backward) per composition and "
+                         "n/pairs, with the cost model's choice")
     ap.add_argument("--compositions", nargs="+", choices=list(COMPOSITIONS), help="default: all")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -176,6 +180,8 @@ def main(argv=None):
           f"clock {args.clock}")
     if args.scaling:
         return scaling(args)
+    if args.paths:
+        return search_paths(args)
     names = args.compositions or list(COMPOSITIONS)
     x, _ = batch(args.batch, args.per_class, args.dim, args.device)
     print(f"B={args.batch}, d={args.dim}, n={args.n_points}, pairs={args.pairs}; forward+backward, median of "
@@ -223,6 +229,45 @@ def _callables(args):
     bh_loss = losses.TripletMarginLoss(margin=1e-5, reducer=reducers.MeanReducer())
     yield ("HPHN vs BatchHard+Trip", lambda e, l: bh_loss(e, l, bh_miner(e, l)),
            HPHNTripletLoss(n_points=args.n_points, pairs="adjacent"))
+
+
+def search_paths(args):
+    """The two EE searches side by side on one layout per composition (the search alone: Gram
+    matrix, search, selected values, backward; LpDistance), and which one the cost model picks."""
+    from pytorch_metric_learning import distances
+
+    from pml_ext.functional import embedding_expansion_groups as groups
+
+    dist = distances.LpDistance()
+    x, _ = batch(args.batch, args.per_class, args.dim, args.device)
+    print(f"{'composition':<15}{'n':>3} {'pairs':<9}{'M':>6}{'blocked entries':>17}{'grouped entries':>17}"
+          f"{'blocked ms':>12}{'grouped ms':>12}  choice")
+
+    def search(layout):
+        return lambda e, l: ee_functional.hardest_negative_pairs_in_layout(e, layout, dist, True).hardest.sum()
+
+    for comp in args.compositions or list(COMPOSITIONS):
+        y = COMPOSITIONS[comp](args.batch, torch.Generator().manual_seed(0), None).to(args.device)
+        for n, pairs in ((2, "all"), (2, "adjacent"), (8, "all")):
+            layout = ee_functional.batch_layout(y, n, pairs)
+            sizes = layout.class_sizes
+            c, kk, k = layout.num_classes, int(sizes.max()), int(torch.bincount(layout.classes).max())
+            blocked_entries = (c * kk) * (c * kk + c * k)
+            times = []
+            for path in ("blocked", "groups"):
+                if path == "blocked" and blocked_entries > 3e8:  # minutes per call
+                    times.append(float("nan"))
+                    continue
+                ee_functional._SEARCH = path
+                try:
+                    times.append(time_interleaved([search(layout)], x, y, max(3, args.repeats // 2),
+                                                  args.device)[0])
+                finally:
+                    ee_functional._SEARCH = "auto"
+            choice = "grouped" if groups.use_groups(layout) else "blocked"
+            print(f"{comp:<15}{n:>3} {pairs:<9}{int(sizes.sum()):>6}{blocked_entries:>17}"
+                  f"{groups.class_groups(layout).entries():>17}{times[0] * 1e3:>12.2f}{times[1] * 1e3:>12.2f}  {choice}",
+                  flush=True)
 
 
 def scaling(args):

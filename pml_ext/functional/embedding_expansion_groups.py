@@ -39,11 +39,15 @@ from .embedding_expansion import (
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
 
-# Cost model, in units of one search entry of the grouped stage 1 (measured on CPU, B = 128,
-# d = 512: benchmarks.perf_ee --calibrate): a blocked-search entry is cheaper (batched products,
-# no gathers), and each group adds a fixed number of small operations.
-_BLOCKED_ENTRY_COST = 0.5
-_GROUP_COST = 20_000  # entries' worth of time per extra group (~a dozen small ops)
+# Cost model, in units of one stage-1 search entry. Measured on CPU (B = 128, d = 512, one thread;
+# ``python -m benchmarks.perf_ee --paths`` times both searches side by side): an entry costs about
+# the same in both searches (~1 ns, batched products), the grouped search has ~0.4 ms more fixed
+# work (stage 2/3, the ordering) and each group adds a few small operations; a padded blocked
+# search (classes of unequal size) masks its padding and costs ~4x per entry.
+_BLOCKED_ENTRY_COST = 1.0
+_BLOCKED_PADDED_ENTRY_COST = 4.0
+_GROUPED_FIXED_COST = 400_000
+_GROUP_COST = 50_000
 _SEARCH_CHUNK_ENTRIES = 1 << 22  # bound on the transient stage-1 block, in entries
 
 
@@ -166,11 +170,13 @@ def _choose(layout) -> bool:
         return False
     kk = int(sizes.max())
     k = int(torch.bincount(layout.classes, minlength=c).max())
-    blocked = _BLOCKED_ENTRY_COST * (c * kk) * (c * kk + c * k)
-    if blocked <= m * m:  # already (nearly) unpadded: no grouping can beat it
+    per_entry = _BLOCKED_ENTRY_COST if int(sizes.min()) == kk else _BLOCKED_PADDED_ENTRY_COST
+    blocked = per_entry * (c * kk) * (c * kk + c * k)  # the [C, C, K, K] search and W·G
+    # every pair of points of different classes is searched at least once
+    if blocked <= _GROUPED_FIXED_COST + (m * m - int((sizes * sizes).sum())) / 2:
         return False
     groups = class_groups(layout)
-    return groups.entries() + _GROUP_COST * len(groups.groups) < blocked
+    return groups.entries() + _GROUP_COST * len(groups.groups) + _GROUPED_FIXED_COST < blocked
 
 
 class _SelectedEndpointValues(torch.autograd.Function):
