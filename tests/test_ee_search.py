@@ -196,19 +196,31 @@ def test_cost_model_keeps_the_blocked_search_for_balanced_batches_and_groups_une
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_grouped_search_cost_follows_the_expanded_set(seed):
-    """Stage-1 entries stay within the M² pairs of the expanded set that exists (the blocked box is
-    C²K²); on a long-tailed batch they are a small fraction of the box."""
+def test_grouped_search_cost_follows_the_expanded_set(monkeypatch, seed):
+    """Stage-1 entries: with a group per class size, pairs of points in different groups once and
+    pairs inside a group of several classes in both orders, at most (M² + Σ_g M_g²) / 2 ≤ M²
+    (M_g: the group's points); with the default group cost at most M² plus that cost per group
+    saved. On a long-tailed batch a small fraction of the blocked search's padded box (C·K_max)²."""
     g = torch.Generator().manual_seed(seed)
     zipf = torch.multinomial(1 / torch.arange(1, 61, dtype=torch.float64), 128, replacement=True, generator=g)
     for y in (zipf, torch.randint(0, 40, (128,), generator=g), torch.randint(0, 100, (128,), generator=g)):
-        layout = _layout(y)
-        m = int(layout.class_sizes.sum())
-        box = (layout.num_classes * int(layout.class_sizes.max())) ** 2
-        entries = F.class_groups(layout).entries()
-        assert entries <= m * m
-        if y is zipf:
-            assert entries < box / 100
+        for group_cost in (0, G._GROUP_COST):
+            monkeypatch.setattr(G, "_GROUP_COST", group_cost)
+            E._LAYOUT_CACHE.clear()
+            layout = _layout(y)
+            sizes = layout.class_sizes
+            m, distinct = int(sizes.sum()), sizes.unique().numel()
+            groups = F.class_groups(layout)
+            entries = groups.entries()
+            if group_cost == 0:
+                assert len(groups.groups) == distinct
+                per_group = [int(sizes[g.classes].sum()) for g in groups.groups]
+                assert entries <= (m * m + sum(p * p for p in per_group)) / 2 <= m * m
+            else:
+                assert entries <= m * m + (distinct - len(groups.groups)) * group_cost
+            if y is zipf:
+                assert entries < (layout.num_classes * int(sizes.max())) ** 2 / 100
+    E._LAYOUT_CACHE.clear()
 
 
 def test_groups_partition_the_classes_and_slots_hold_each_class_points():

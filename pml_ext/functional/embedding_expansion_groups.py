@@ -90,17 +90,22 @@ class ClassGroups(NamedTuple):
 
 
 def _partition(sizes: List[int], counts: List[int], m: int) -> List[int]:
-    """Ends of the groups over sizes sorted ascending (indices into ``sizes``, exclusive): the
-    grouping minimising m·Σ_g K_g·C_g + groups·_GROUP_COST (dynamic programme over the distinct
-    sizes, a handful)."""
+    """Ends of the groups over the distinct class sizes sorted ascending (indices into ``sizes``,
+    exclusive): the grouping with the fewest stage-1 entries plus _GROUP_COST per group (dynamic
+    programme over the distinct sizes, a handful). A group of sizes i..j-1 pads its classes to
+    sizes[j-1] and searches them against every point from its own first one (after its own points
+    when it holds one class)."""
     d = len(sizes)
-    prefix = [0]
-    for n in counts:
-        prefix.append(prefix[-1] + n)
+    classes, points = [0], [0]  # prefix counts of classes and of points
+    for size, n in zip(sizes, counts):
+        classes.append(classes[-1] + n)
+        points.append(points[-1] + n * size)
     best, cut = [0.0] + [float("inf")] * d, [0] * (d + 1)
     for j in range(1, d + 1):
         for i in range(j):
-            cost = best[i] + m * sizes[j - 1] * (prefix[j] - prefix[i]) + _GROUP_COST
+            n_classes = classes[j] - classes[i]
+            rows = m - points[i] - (sizes[j - 1] if n_classes == 1 else 0)
+            cost = best[i] + sizes[j - 1] * n_classes * rows + _GROUP_COST
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     ends, j = [], d
