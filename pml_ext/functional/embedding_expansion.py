@@ -145,14 +145,13 @@ def expand(
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt that is 0 with zero gradient where x <= 0 (duplicate points), never NaN."""
-    positive = x > 0
-    return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(x))
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), 0.0)
 
 
 def _safe_inverse(norm: torch.Tensor) -> torch.Tensor:
     """1/norm, and 0 where the norm is 0: a zero-norm midpoint (antipodal endpoints) stays at the
     origin rather than becoming NaN."""
-    return torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+    return torch.where(norm > 0, norm.clamp_min(torch.finfo(norm.dtype).tiny).reciprocal(), 0.0)
 
 
 def _sq_norms(gram, f, s, wf, ws) -> torch.Tensor:

@@ -130,34 +130,46 @@ def _build_groups(layout) -> ClassGroups:
     first, second = ex.first[order], ex.second[order]
     w_first, w_second = ex.w_first[order], ex.w_second[order]
     start = torch.cumsum(sorted_sizes, 0) - sorted_sizes  # [C] first position, by rank
-    k_sizes = torch.bincount(layout.classes, minlength=c)
+    k_sizes = torch.bincount(layout.classes, minlength=c)[by_size]  # originals per class, by rank
+    distinct, counts = torch.unique_consecutive(sorted_sizes, return_counts=True)
+    distinct, counts = distinct.tolist(), counts.tolist()
+    # the groups, in Python numbers: classes, points per class, originals per class, first position
+    n_g, big_k, small_k, row_starts = [], [], [], []
+    k_run = torch.cummax(k_sizes, 0).values.tolist() if c else []  # originals of the largest so far
+    first_size, first_rank, first_point = 0, 0, 0
+    for end in _partition(distinct, counts, m) if m else []:
+        n = sum(counts[first_size:end])
+        n_g.append(n)
+        big_k.append(distinct[end - 1])
+        small_k.append(k_run[first_rank + n - 1])
+        row_starts.append(first_point if n > 1 else first_point + distinct[end - 1])
+        first_point += sum(cn * sz for cn, sz in zip(counts[first_size:end], distinct[first_size:end]))
+        first_size, first_rank = end, first_rank + n
+    # every group at once, flattened class by class (by rank): slots, weights, originals
+    ranks = torch.arange(c, device=device)
+    n_t = torch.tensor(n_g, dtype=torch.long, device=device)
+    per_class_k = torch.repeat_interleave(torch.tensor(big_k, dtype=torch.long, device=device), n_t)
+    per_class_k_orig = torch.repeat_interleave(torch.tensor(small_k, dtype=torch.long, device=device), n_t)
+    cls = torch.repeat_interleave(ranks, per_class_k)  # rank of each slot
+    slot = torch.arange(cls.numel(), device=device) - (torch.cumsum(per_class_k, 0) - per_class_k)[cls]
+    slots = start[cls] + torch.minimum(slot, sorted_sizes[cls] - 1)  # [Σ C_g·K_g] positions
     # every original's place among its class's originals (batch order)
     original_slots = layout._original_slots  # [C, k] batch indices, padding = B
     place = torch.zeros(b + 1, dtype=torch.long, device=device)
     place[original_slots] = torch.arange(original_slots.shape[1], device=device).expand_as(original_slots)
-    distinct, counts = torch.unique_consecutive(sorted_sizes, return_counts=True)
-    distinct, counts = distinct.tolist(), counts.tolist()
-    groups, first_rank, first_size = [], 0, 0
-    group_of_rank = torch.empty(c, dtype=torch.long, device=device)
-    alone = torch.zeros(c, dtype=torch.bool, device=device)
-    for number, end in enumerate(_partition(distinct, counts, m) if m else []):
-        n_classes = sum(counts[first_size:end])
-        ranks = slice(first_rank, first_rank + n_classes)
-        cls = by_size[ranks]
-        slot = torch.arange(distinct[end - 1], device=device)
-        slots = start[ranks][:, None] + torch.minimum(slot[None, :], sorted_sizes[ranks][:, None] - 1)
-        k_g = int(k_sizes[cls].max())
-        members = original_slots[cls, :k_g]
-        members = torch.where(members < b, members, members[:, :1])  # a repeated original, weight 0
-        w = torch.zeros(n_classes, slots.shape[1], k_g, dtype=w_first.dtype, device=device)
-        w.scatter_add_(2, place[first[slots]][..., None], w_first[slots][..., None])
-        w.scatter_add_(2, place[second[slots]][..., None], w_second[slots][..., None])
-        group_start = int(start[first_rank])
-        row_start = group_start if n_classes > 1 else group_start + distinct[end - 1]
-        groups.append(ClassGroup(cls, slots, w, members.flatten(), row_start))
-        group_of_rank[ranks] = number
-        alone[ranks] = n_classes == 1
-        first_rank, first_size = first_rank + n_classes, end
+    base = torch.cumsum(per_class_k_orig[cls], 0) - per_class_k_orig[cls]  # each slot's weight row
+    w = torch.zeros(int(per_class_k_orig[cls].sum()) if c else 0, dtype=w_first.dtype, device=device)
+    w.index_add_(0, base + place[first[slots]], w_first[slots])
+    w.index_add_(0, base + place[second[slots]], w_second[slots])
+    cls_o = torch.repeat_interleave(ranks, per_class_k_orig)
+    i = torch.arange(cls_o.numel(), device=device) - (torch.cumsum(per_class_k_orig, 0) - per_class_k_orig)[cls_o]
+    members = original_slots[by_size[cls_o], torch.minimum(i, k_sizes[cls_o] - 1)]  # the last repeated, weight 0
+    groups = [ClassGroup(cg, sl.view(n, kk), wg.view(n, kk, k), og, rs) for cg, sl, wg, og, n, kk, k, rs in zip(
+        by_size.split(n_g), slots.split([n * kk for n, kk in zip(n_g, big_k)]),
+        w.split([n * kk * k for n, kk, k in zip(n_g, big_k, small_k)]),
+        members.split([n * k for n, k in zip(n_g, small_k)]), n_g, big_k, small_k, row_starts)]
+    group_of_rank = torch.repeat_interleave(torch.arange(len(n_g), device=device), n_t)
+    alone = torch.repeat_interleave(n_t == 1, n_t)
     return ClassGroups(order, layout.classes[first], first, second, w_first, w_second, ex.is_synthetic[order],
                        group_of_rank[rank], alone[rank], groups)
 
