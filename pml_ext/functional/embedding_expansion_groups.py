@@ -79,8 +79,10 @@ class ClassGroups(NamedTuple):
     w_first: torch.Tensor
     w_second: torch.Tensor
     synthetic: torch.Tensor  # [M] bool
-    group_of_class: torch.Tensor  # [C] group number of each class
     alone: torch.Tensor  # [C] bool: the class is alone in its group (its own pairs are not searched)
+    direct: torch.Tensor  # [C, C] bool: pair (x, y) searched with x's points as rows (group x >= group y)
+    mirror: torch.Tensor  # [C, C] bool: searched from the other side (group x < group y)
+    first_position: torch.Tensor  # [C] position of each class's first point
     groups: List[ClassGroup]
 
     def entries(self) -> int:
@@ -168,10 +170,12 @@ def _build_groups(layout) -> ClassGroups:
         by_size.split(n_g), slots.split([n * kk for n, kk in zip(n_g, big_k)]),
         w.split([n * kk * k for n, kk, k in zip(n_g, big_k, small_k)]),
         members.split([n * k for n, k in zip(n_g, small_k)]), n_g, big_k, small_k, row_starts)]
-    group_of_rank = torch.repeat_interleave(torch.arange(len(n_g), device=device), n_t)
-    alone = torch.repeat_interleave(n_t == 1, n_t)
+    group = torch.repeat_interleave(torch.arange(len(n_g), device=device), n_t)[rank]  # [C] by class
+    alone = torch.repeat_interleave(n_t == 1, n_t)[rank]
+    direct = (group[:, None] > group[None, :]) | (
+        (group[:, None] == group[None, :]) & ~(layout.class_eye & alone[:, None]))
     return ClassGroups(order, layout.classes[first], first, second, w_first, w_second, ex.is_synthetic[order],
-                       group_of_rank[rank], alone[rank], groups)
+                       alone, direct, group[:, None] < group[None, :], start[rank], groups)
 
 
 def use_groups(layout) -> bool:
@@ -265,13 +269,13 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
     grouped = class_groups(layout)
     x = distance.maybe_normalize(embeddings)
     gram = _Gram.apply(x)
-    w_f, w_s = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
     normalizing = normalize and bool(ex.is_synthetic.any())
     with torch.no_grad():
         gd = gram.detach()
         order, point_class = grouped.order, grouped.point_class
         f, s = grouped.first, grouped.second  # everything below is in position order
-        wf, ws = grouped.w_first.to(gd.dtype), grouped.w_second.to(gd.dtype)
+        w_f, w_s = grouped.w_first.to(gd.dtype), grouped.w_second.to(gd.dtype)  # EE Eq. 1
+        wf, ws = w_f, w_s
         sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
         scale = None
         if normalizing:
@@ -315,34 +319,31 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
                 best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, lo, min(cg, lo + step)), dim=1)
         # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
-        _, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
+        best_yx, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
         # stage 3: every point q of class y against the row point chosen for (x, y); the first best q
         q = torch.arange(m, device=gd.device)[:, None]
         _, cols = _segment_best(pairwise(q, rows_yx.index_select(0, point_class)).t(), point_class, c,
                                 inverted, worst)  # [x, y]
         rows = rows_yx.t()
-        group, eye = grouped.group_of_class, layout.class_eye
-        direct = (group[:, None] > group[None, :]) | ((group[:, None] == group[None, :]) & ~(eye & grouped.alone))
-        mirror = group[:, None] < group[None, :]
-        first = _first_positions_of(point_class, c)
+        # pairs searched from the other side are mirrored; a class alone in its group is paired with
+        # its first point on the diagonal
+        direct, mirror, first = grouped.direct, grouped.mirror, grouped.first_position
         rows, cols = (torch.where(direct, rows, torch.where(mirror, cols.t(), first[:, None])),
                       torch.where(direct, cols, torch.where(mirror, rows.t(), first[None, :])))
-        best = pairwise(rows, cols)
+        best = torch.where(direct, best_yx.t(), best_yx)
+        if bool(grouped.alone.any()):
+            self_value = transform(sq[first], sq[first], sq[first])
+            best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
-        rows, cols = order[rows], order[cols]
-        syn = ex.is_synthetic & normalizing
-        ends = torch.stack([ex.first[rows], ex.second[rows], ex.first[cols], ex.second[cols]])
+        syn = grouped.synthetic & normalizing
+        ends = torch.stack([f[rows], s[rows], f[cols], s[cols]])
         weights = torch.stack([w_f[rows], w_s[rows], w_f[cols], w_s[cols]])
-    hardest = _SelectedEndpointValues.apply(gram, ends, weights, syn[rows], syn[cols], rows == cols,
-                                            kind == "euclidean", distance.power)
+        syn_r, syn_c, same = syn[rows], syn[cols], rows == cols
+        rows, cols = order[rows], order[cols]
+    hardest = _SelectedEndpointValues.apply(gram, ends, weights, syn_r, syn_c, same, kind == "euclidean",
+                                            distance.power)
     return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout.slots,
                         _mat_from_gram(gram, kind, distance.power))
-
-
-def _first_positions_of(point_class: torch.Tensor, c: int) -> torch.Tensor:
-    m = point_class.numel()
-    return torch.full((c,), m, dtype=torch.long, device=point_class.device).scatter_reduce(
-        0, point_class, torch.arange(m, device=point_class.device), "amin")
 
 
 def _originals_best(gd, classes, c, transform, inverted, worst):
