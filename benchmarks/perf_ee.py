@@ -202,7 +202,7 @@ def main(argv=None):
             cells.append((comp, name, fp, fe if not fresh else cold(fe), y))
     # memory last: measuring it changes how the process allocates (benchmarks/memory.py)
     memory = None if args.device.startswith("cuda") else StepMemory()
-    print(f"\npeak memory of one call, median of 3 (MB)")
+    print("\npeak memory of one call, median of 3 (MB)")
     print(f"{'composition':<15}{'loss':<24}{'plain MB':>10}{'EE MB':>10}{'EE/plain':>10}")
     for comp, name, fp, fe, y in cells:
         mp = statistics.median(peak_memory(fp, x, y, args.device, memory) or 0 for _ in range(3))

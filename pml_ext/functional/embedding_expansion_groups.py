@@ -6,23 +6,27 @@ batches, but with unequal classes (random labels, long-tailed data) the padded b
 than the M² pairs of the expanded set that exists: with ``pairs="all"`` a class of k samples has
 k + n·k(k−1)/2 points, so one large class sets K for all. Here the cost follows the expanded set:
 
-- classes are grouped by their expanded size (equal sizes share a group without padding;
-  neighbouring sizes are merged when a cost model says one more group costs more than its
-  padding, :func:`class_groups`);
-- stage 1: for every group, the inner products of all M expanded points with the group's
-  points, [M, C_h·K_h] from the B x B Gram matrix by two gathers (every point is a combination of
-  two originals), reduced over each class's K_h points: the best point of every class for every
-  expanded point, [M, C] (a loop over the few groups; rows in memory chunks when large);
-- stage 2: the best row point of every class for every class, one scatter reduction over the
-  [M, C] table (classes contiguous or not).
+- the expanded points are reordered class by class, classes by ascending expanded size, and
+  classes are grouped by size (equal sizes share a group without padding; neighbouring sizes are
+  merged when one more group costs more than its padding: :func:`_partition`, a dynamic
+  programme over the distinct sizes);
+- stage 1: for every group, the inner products of its points with every point from the group's
+  own first one on, ``W_g · G[originals_g, :]`` (a batched product over each class's originals,
+  as in the blocked search), reduced over each class's points (values only): the best point of
+  every class against every later point, [C, M]. Search values are symmetric, so a pair of
+  classes in different groups is searched once (from the smaller class's group), and a class
+  alone in its group is not searched against itself (no loss reads the diagonal);
+- stage 2: for every class pair, the best row point (two scatter reductions over [C, M]);
+- stage 3: the C·M values of those row points against every point of the column class give the
+  column point; pairs searched from the other side are mirrored.
 
-:func:`use_groups` chooses between the two searches per batch from the label pattern alone.
-The gradient flows only through the C² selected pairs, from the endpoints of their points
-(:class:`_SelectedEndpointValues`).
+:func:`use_groups` chooses between the two searches per batch from the label pattern alone (a
+cost model of both searches' entries and fixed work). The gradient flows only through the C²
+selected pairs, from the endpoints of their points (:class:`_SelectedEndpointValues`).
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple
 
 import torch
 
@@ -265,7 +269,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
     from the other side are mirrored (the search values are symmetric).
     """
     ex, c = layout.expanded, layout.num_classes
-    b, m = ex.num_originals, ex.labels.numel()
+    m = ex.labels.numel()
     grouped = class_groups(layout)
     x = distance.maybe_normalize(embeddings)
     gram = _Gram.apply(x)
