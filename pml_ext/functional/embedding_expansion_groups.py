@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import List, NamedTuple
 
+import numpy as np
 import torch
 
 from .embedding_expansion import (
@@ -127,21 +128,28 @@ def class_groups(layout) -> ClassGroups:
 
 
 def _build_groups(layout) -> ClassGroups:
-    ex, sizes, c = layout.expanded, layout.class_sizes, layout.num_classes
-    b, m, device = ex.num_originals, ex.labels.numel(), sizes.device
-    sorted_sizes, by_size = torch.sort(sizes, stable=True)
-    rank = torch.empty_like(by_size)
-    rank[by_size] = torch.arange(c, device=device)
-    order = torch.sort(rank[layout.classes[ex.first]], stable=True).indices  # class by class, originals first
-    first, second = ex.first[order], ex.second[order]
-    w_first, w_second = ex.w_first[order], ex.w_second[order]
-    start = torch.cumsum(sorted_sizes, 0) - sorted_sizes  # [C] first position, by rank
-    k_sizes = torch.bincount(layout.classes, minlength=c)[by_size]  # originals per class, by rank
-    distinct, counts = torch.unique_consecutive(sorted_sizes, return_counts=True)
+    """The groups of a label pattern, built on the CPU with NumPy: index arithmetic over a few
+    hundred integers, paid once per pattern (every step for random batches), where each of the
+    ~50 steps would cost a tensor operation's fixed overhead."""
+    ex, c, device = layout.expanded, layout.num_classes, layout.classes.device
+    b, m = ex.num_originals, ex.labels.numel()
+    sizes = layout.class_sizes.cpu().numpy()
+    classes = layout.classes.cpu().numpy()
+    e_first, e_second = ex.first.cpu().numpy(), ex.second.cpu().numpy()
+    by_size = np.argsort(sizes, kind="stable")
+    sorted_sizes = sizes[by_size]
+    rank = np.empty_like(by_size)
+    rank[by_size] = np.arange(c)
+    order = np.argsort(rank[classes[e_first]], kind="stable")  # class by class, originals first
+    first, second = e_first[order], e_second[order]
+    w_first, w_second = ex.w_first.cpu().numpy()[order], ex.w_second.cpu().numpy()[order]
+    start = np.cumsum(sorted_sizes) - sorted_sizes  # [C] first position, by rank
+    k_sizes = np.bincount(classes, minlength=c)[by_size]  # originals per class, by rank
+    distinct, counts = np.unique(sorted_sizes, return_counts=True)
     distinct, counts = distinct.tolist(), counts.tolist()
-    # the groups, in Python numbers: classes, points per class, originals per class, first position
+    # the groups: classes, points per class, originals per class, first searched position
     n_g, big_k, small_k, row_starts = [], [], [], []
-    k_run = torch.cummax(k_sizes, 0).values.tolist() if c else []  # originals of the largest so far
+    k_run = np.maximum.accumulate(k_sizes).tolist() if c else []  # originals of the largest so far
     first_size, first_rank, first_point = 0, 0, 0
     for end in _partition(distinct, counts, m) if m else []:
         n = sum(counts[first_size:end])
@@ -152,34 +160,40 @@ def _build_groups(layout) -> ClassGroups:
         first_point += sum(cn * sz for cn, sz in zip(counts[first_size:end], distinct[first_size:end]))
         first_size, first_rank = end, first_rank + n
     # every group at once, flattened class by class (by rank): slots, weights, originals
-    ranks = torch.arange(c, device=device)
-    n_t = torch.tensor(n_g, dtype=torch.long, device=device)
-    per_class_k = torch.repeat_interleave(torch.tensor(big_k, dtype=torch.long, device=device), n_t)
-    per_class_k_orig = torch.repeat_interleave(torch.tensor(small_k, dtype=torch.long, device=device), n_t)
-    cls = torch.repeat_interleave(ranks, per_class_k)  # rank of each slot
-    slot = torch.arange(cls.numel(), device=device) - (torch.cumsum(per_class_k, 0) - per_class_k)[cls]
-    slots = start[cls] + torch.minimum(slot, sorted_sizes[cls] - 1)  # [Σ C_g·K_g] positions
-    # every original's place among its class's originals (batch order)
-    original_slots = layout._original_slots  # [C, k] batch indices, padding = B
-    place = torch.zeros(b + 1, dtype=torch.long, device=device)
-    place[original_slots] = torch.arange(original_slots.shape[1], device=device).expand_as(original_slots)
-    base = torch.cumsum(per_class_k_orig[cls], 0) - per_class_k_orig[cls]  # each slot's weight row
-    w = torch.zeros(int(per_class_k_orig[cls].sum()) if c else 0, dtype=w_first.dtype, device=device)
-    w.index_add_(0, base + place[first[slots]], w_first[slots])
-    w.index_add_(0, base + place[second[slots]], w_second[slots])
-    cls_o = torch.repeat_interleave(ranks, per_class_k_orig)
-    i = torch.arange(cls_o.numel(), device=device) - (torch.cumsum(per_class_k_orig, 0) - per_class_k_orig)[cls_o]
-    members = original_slots[by_size[cls_o], torch.minimum(i, k_sizes[cls_o] - 1)]  # the last repeated, weight 0
-    groups = [ClassGroup(cg, sl.view(n, kk), wg.view(n, kk, k), og, rs) for cg, sl, wg, og, n, kk, k, rs in zip(
-        by_size.split(n_g), slots.split([n * kk for n, kk in zip(n_g, big_k)]),
-        w.split([n * kk * k for n, kk, k in zip(n_g, big_k, small_k)]),
-        members.split([n * k for n, k in zip(n_g, small_k)]), n_g, big_k, small_k, row_starts)]
-    group = torch.repeat_interleave(torch.arange(len(n_g), device=device), n_t)[rank]  # [C] by class
-    alone = torch.repeat_interleave(n_t == 1, n_t)[rank]
-    direct = (group[:, None] > group[None, :]) | (
-        (group[:, None] == group[None, :]) & ~(layout.class_eye & alone[:, None]))
-    return ClassGroups(order, layout.classes[first], first, second, w_first, w_second, ex.is_synthetic[order],
-                       alone, direct, group[:, None] < group[None, :], start[rank], groups)
+    per_class_k = np.repeat(np.array(big_k, dtype=np.int64), n_g)
+    per_class_k_orig = np.repeat(np.array(small_k, dtype=np.int64), n_g)
+    cls = np.repeat(np.arange(c), per_class_k)  # rank of each slot
+    slot = np.arange(cls.size) - (np.cumsum(per_class_k) - per_class_k)[cls]
+    slots = start[cls] + np.minimum(slot, sorted_sizes[cls] - 1)  # [Σ C_g·K_g] positions
+    original_slots = layout._original_slots.cpu().numpy()  # [C, k] batch indices, padding = B
+    place = np.zeros(b + 1, dtype=np.int64)  # every original's place among its class's originals
+    place[original_slots] = np.broadcast_to(np.arange(original_slots.shape[1]), original_slots.shape)
+    rows = per_class_k_orig[cls]
+    base = np.cumsum(rows) - rows  # each slot's weight row
+    w = np.zeros(int(rows.sum()), dtype=w_first.dtype)
+    np.add.at(w, base + place[first[slots]], w_first[slots])
+    np.add.at(w, base + place[second[slots]], w_second[slots])
+    cls_o = np.repeat(np.arange(c), per_class_k_orig)
+    i = np.arange(cls_o.size) - (np.cumsum(per_class_k_orig) - per_class_k_orig)[cls_o]
+    members = original_slots[by_size[cls_o], np.minimum(i, k_sizes[cls_o] - 1)]  # the last repeated, weight 0
+    group = np.repeat(np.arange(len(n_g)), n_g)[rank]  # [C] by class
+    alone = np.repeat(np.array(n_g) == 1, n_g)[rank]
+    same_group = group[:, None] == group[None, :]
+    direct = (group[:, None] > group[None, :]) | (same_group & ~(np.eye(c, dtype=bool) & alone[:, None]))
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    split = np.cumsum([0] + [n * kk for n, kk in zip(n_g, big_k)])
+    split_w = np.cumsum([0] + [n * kk * k for n, kk, k in zip(n_g, big_k, small_k)])
+    split_o = np.cumsum([0] + [n * k for n, k in zip(n_g, small_k)])
+    split_c = np.cumsum([0] + n_g)
+    groups = [ClassGroup(t(by_size[split_c[j]:split_c[j + 1]]), t(slots[split[j]:split[j + 1]]).view(n, kk),
+                         t(w[split_w[j]:split_w[j + 1]]).view(n, kk, k), t(members[split_o[j]:split_o[j + 1]]), rs)
+              for j, (n, kk, k, rs) in enumerate(zip(n_g, big_k, small_k, row_starts))]
+    return ClassGroups(t(order), t(classes[first]), t(first), t(second), t(w_first), t(w_second),
+                       t(ex.is_synthetic.cpu().numpy()[order]), t(alone), t(direct),
+                       t(group[:, None] < group[None, :]), t(start[rank]), groups)
 
 
 def use_groups(layout) -> bool:
