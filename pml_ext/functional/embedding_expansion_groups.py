@@ -88,6 +88,9 @@ class ClassGroups(NamedTuple):
     direct: torch.Tensor  # [C, C] bool: pair (x, y) searched with x's points as rows (group x >= group y)
     mirror: torch.Tensor  # [C, C] bool: searched from the other side (group x < group y)
     first_position: torch.Tensor  # [C] position of each class's first point
+    endpoints: torch.Tensor  # [2, M] first and second original of each point, by position
+    endpoint_weights: torch.Tensor  # [2, M] their weights (EE Eq. 1)
+    has_synthetic: bool
     groups: List[ClassGroup]
 
     def entries(self) -> int:
@@ -193,7 +196,8 @@ def _build_groups(layout) -> ClassGroups:
               for j, (n, kk, k, rs) in enumerate(zip(n_g, big_k, small_k, row_starts))]
     return ClassGroups(t(order), t(classes[first]), t(first), t(second), t(w_first), t(w_second),
                        t(ex.is_synthetic.cpu().numpy()[order]), t(alone), t(direct),
-                       t(group[:, None] < group[None, :]), t(start[rank]), groups)
+                       t(group[:, None] < group[None, :]), t(start[rank]), t(np.stack([first, second])),
+                       t(np.stack([w_first, w_second])), bool(ex.is_synthetic.any()), groups)
 
 
 def use_groups(layout) -> bool:
@@ -287,13 +291,13 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
     grouped = class_groups(layout)
     x = distance.maybe_normalize(embeddings)
     gram = _Gram.apply(x)
-    normalizing = normalize and bool(ex.is_synthetic.any())
+    normalizing = normalize and grouped.has_synthetic
     with torch.no_grad():
         gd = gram.detach()
         order, point_class = grouped.order, grouped.point_class
         f, s = grouped.first, grouped.second  # everything below is in position order
-        w_f, w_s = grouped.w_first.to(gd.dtype), grouped.w_second.to(gd.dtype)  # EE Eq. 1
-        wf, ws = w_f, w_s
+        endpoint_weights = grouped.endpoint_weights.to(gd.dtype)  # EE Eq. 1
+        wf, ws = endpoint_weights
         sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
         scale = None
         if normalizing:
@@ -354,8 +358,8 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
         syn = grouped.synthetic & normalizing
-        ends = torch.stack([f[rows], s[rows], f[cols], s[cols]])
-        weights = torch.stack([w_f[rows], w_s[rows], w_f[cols], w_s[cols]])
+        ends = torch.cat([grouped.endpoints[:, rows], grouped.endpoints[:, cols]])
+        weights = torch.cat([endpoint_weights[:, rows], endpoint_weights[:, cols]])
         syn_r, syn_c, same = syn[rows], syn[cols], rows == cols
         rows, cols = order[rows], order[cols]
     hardest = _SelectedEndpointValues.apply(gram, ends, weights, syn_r, syn_c, same, kind == "euclidean",
