@@ -562,7 +562,7 @@ class _SelectedPairValues(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-_SEARCH_CHUNK_ENTRIES = 1 << 22  # bound on the transient search block, in entries (16 MB in float32)
+_SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient search block, in entries (1 MB in float32)
 # "auto": the blocked search below or the grouped one (embedding_expansion_groups), whichever the
 # cost model expects cheaper for the label pattern; "blocked" / "groups" force one (tests)
 _SEARCH = "auto"

@@ -53,7 +53,7 @@ _BLOCKED_ENTRY_COST = 1.0
 _BLOCKED_PADDED_ENTRY_COST = 4.0
 _GROUPED_FIXED_COST = 400_000
 _GROUP_COST = 50_000
-_SEARCH_CHUNK_ENTRIES = 1 << 22  # bound on the transient stage-1 block, in entries
+_SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient stage-1 block, in entries (1 MB in float32)
 
 
 class ClassGroup(NamedTuple):
