@@ -31,6 +31,7 @@ from typing import List, NamedTuple
 import numpy as np
 import torch
 
+from . import embedding_expansion as _ee
 from .embedding_expansion import (
     HardestPairs,
     _Gram,
@@ -48,9 +49,11 @@ __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_n
 # ``python -m benchmarks.perf_ee --paths`` times both searches side by side): an entry costs about
 # the same in both searches (~1 ns, batched products), the grouped search has ~0.4 ms more fixed
 # work (stage 2/3, the ordering) and each group adds a few small operations; a padded blocked
-# search (classes of unequal size) masks its padding and costs ~4x per entry.
+# search (classes of unequal size) masks its padding and costs ~4x per entry; each memory chunk of
+# the blocked search costs ~0.1 ms more.
 _BLOCKED_ENTRY_COST = 1.0
 _BLOCKED_PADDED_ENTRY_COST = 4.0
+_BLOCKED_CHUNK_COST = 100_000
 _GROUPED_FIXED_COST = 400_000
 _GROUP_COST = 50_000
 _SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient stage-1 block, in entries (1 MB in float32)
@@ -215,6 +218,8 @@ def _choose(layout) -> bool:
     k = int(torch.bincount(layout.classes, minlength=c).max())
     per_entry = _BLOCKED_ENTRY_COST if int(sizes.min()) == kk else _BLOCKED_PADDED_ENTRY_COST
     blocked = per_entry * (c * kk) * (c * kk + c * k)  # the [C, C, K, K] search and W·G
+    classes_per_chunk = max(1, _ee._SEARCH_CHUNK_ENTRIES // max(1, c * kk * kk))
+    blocked += _BLOCKED_CHUNK_COST * -(-c // classes_per_chunk)
     # every pair of points of different classes is searched at least once
     if blocked <= _GROUPED_FIXED_COST + (m * m - int((sizes * sizes).sum())) / 2:
         return False
