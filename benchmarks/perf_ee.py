@@ -1,13 +1,24 @@
 """Side-by-side cost of Embedding Expansion vs the plain PML loss on the same batch.
 
-    python -m benchmarks.perf_ee                      # B=128 (32 classes x 4), d=512, n=2
-    python -m benchmarks.perf_ee --scaling            # time/memory over B and n
+    python -m benchmarks.perf_ee                      # every batch composition, B=128, d=512, n=2
+    python -m benchmarks.perf_ee --compositions 32x4 zipf60
+    python -m benchmarks.perf_ee --scaling            # time/memory over B and n (32 classes x 4 ...)
+    python -m benchmarks.perf_ee --paths              # EE's blocked vs grouped search, and the choice
 
-Every ratio is measured in one run, alternating our call and PML's on the same batch. As in
-training, every repeat relabels the batch with fresh class ids (same label pattern: 4 per
-class, the way PML's MPerClassSampler builds batches), so EE's per-pattern layout cache is hit
-as it is in training; the "EE cold" column rebuilds the layout on every call (what a sampler
-that changes the label pattern every batch would cost).
+Every ratio is measured in one run, alternating our call and PML's on the same batch (order
+rotated every repeat). Batch compositions (B = 128):
+
+- ``32x4``, ``16x8``, ``64x2``: balanced, as PML's MPerClassSampler builds them; every repeat
+  relabels the batch with fresh class ids (same label pattern), so EE's per-pattern layout cache
+  is hit as it is in training. The "EE cold" column rebuilds the layout on every call.
+- ``32x4-shuffled``: a balanced batch in a new random order every repeat (a new label pattern).
+- ``random40``, ``random100``: labels drawn uniformly from 40 / 100 classes every repeat.
+- ``zipf60``: labels drawn from a Zipf law over 60 classes (p ∝ 1/rank) every repeat, as a
+  random batch from a long-tailed data set gives.
+
+The last four draw a fresh label pattern every repeat: the layout is built on every call.
+Peak memory (after all timing, benchmarks/memory.py) is the median of 3 calls on one batch of
+each composition.
 """
 from __future__ import annotations
 
@@ -40,6 +51,43 @@ def batch(b: int, per_class: int, d: int, device: str, seed: int = 0):
     return x, y
 
 
+def _balanced(per_class: int):
+    def labels(b: int, g: torch.Generator, previous: Optional[torch.Tensor]) -> torch.Tensor:
+        return relabel(torch.arange(b // per_class).repeat_interleave(per_class), g)
+    return labels
+
+
+def _shuffled(per_class: int):
+    def labels(b: int, g: torch.Generator, previous: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.arange(b // per_class).repeat_interleave(per_class)[torch.randperm(b, generator=g)]
+    return labels
+
+
+def _uniform(classes: int):
+    def labels(b: int, g: torch.Generator, previous: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.randint(0, classes, (b,), generator=g)
+    return labels
+
+
+def _zipf(classes: int):
+    def labels(b: int, g: torch.Generator, previous: Optional[torch.Tensor]) -> torch.Tensor:
+        p = 1 / torch.arange(1, classes + 1, dtype=torch.float64)
+        return torch.multinomial(p, b, replacement=True, generator=g)
+    return labels
+
+
+# name -> labels(b, generator, previous labels or None): the next batch's labels
+COMPOSITIONS = {
+    "32x4": _balanced(4),
+    "16x8": _balanced(8),
+    "64x2": _balanced(2),
+    "32x4-shuffled": _shuffled(4),
+    "random40": _uniform(40),
+    "random100": _uniform(100),
+    "zipf60": _zipf(60),
+}
+
+
 def step(fn, x, y):
     x = x.detach().requires_grad_(True)
     fn(x, y).backward()
@@ -64,21 +112,30 @@ def cold(f):
     return call
 
 
-def time_interleaved(fns, x, y, repeats: int, device: str):
-    """Median seconds of each function, interleaved on the same relabelled batches."""
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time (single-threaded runs on a shared machine)
+
+
+def time_interleaved(fns, x, y, repeats: int, device: str, labels=None):
+    """Median seconds of each function, interleaved (order rotated) on the same batches; the
+    labels of every repeat come from ``labels(b, generator, previous)`` (default: ``y``
+    relabelled with fresh class ids)."""
     g = torch.Generator().manual_seed(1)
+    if labels is None:
+        labels = lambda b, gen, prev: relabel(y if prev is None else prev, gen)  # noqa: E731
     for _ in range(2):
         for f in fns:
             step(f, x, y)
     times = [[] for _ in fns]
-    for _ in range(repeats):
-        yr = relabel(y, g)
-        for f, acc in zip(fns, times):
+    yr = None
+    for r in range(repeats):
+        yr = labels(x.shape[0], g, yr).to(y.device)
+        turn = list(range(len(fns)))
+        for i in turn[r % len(fns):] + turn[:r % len(fns)]:
             sync(device)
-            t0 = time.perf_counter()
-            step(f, x, yr)
+            t0 = CLOCK()
+            step(fns[i], x, yr)
             sync(device)
-            acc.append(time.perf_counter() - t0)
+            times[i].append(CLOCK() - t0)
     return [statistics.median(t) for t in times]
 
 
@@ -102,30 +159,115 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--scaling", action="store_true", help="table over B in 64..512 and n in 0..8")
+    ap.add_argument("--paths", action="store_true",
+                    help="time the blocked and the grouped EE search (forward + backward) per composition and "
+                         "n/pairs, with the cost model's choice")
+    ap.add_argument("--compositions", nargs="+", choices=list(COMPOSITIONS), help="default: all")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: the calling thread's CPU time, with one thread (robust to other processes "
+                         "on a shared CPU machine; not for CUDA)")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    global CLOCK
+    if args.clock == "cpu":
+        if args.device.startswith("cuda"):
+            ap.error("--clock cpu measures CPU time; use the wall clock on CUDA")
+        args.threads = 1
+        CLOCK = time.thread_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
+          f"clock {args.clock}")
     if args.scaling:
         return scaling(args)
-    x, y = batch(args.batch, args.per_class, args.dim, args.device)
-    print(f"B={args.batch} ({args.batch // args.per_class} classes x {args.per_class}), d={args.dim}, "
-          f"n={args.n_points}, pairs={args.pairs}; forward+backward, median of {args.repeats}")
-    print(f"{'loss':<24}{'plain ms':>10}{'EE ms':>10}{'EE/plain':>10}{'EE cold ms':>12}{'cold/plain':>12}")
+    if args.paths:
+        return search_paths(args)
+    names = args.compositions or list(COMPOSITIONS)
+    x, _ = batch(args.batch, args.per_class, args.dim, args.device)
+    print(f"B={args.batch}, d={args.dim}, n={args.n_points}, pairs={args.pairs}; forward+backward, median of "
+          f"{args.repeats} interleaved repeats; 'fresh' = a new label pattern every repeat")
+    print(f"{'composition':<15}{'loss':<24}{'plain ms':>10}{'EE ms':>10}{'EE/plain':>10}{'EE cold ms':>12}"
+          f"{'cold/plain':>12}")
+    cells = []
+    for comp in names:
+        labels = COMPOSITIONS[comp]
+        y = labels(args.batch, torch.Generator().manual_seed(0), None).to(args.device)
+        fresh = comp not in BALANCED
+        for name, fp, fe in _callables(args):
+            fns = [fp, fe] if fresh else [fp, fe, cold(fe)]
+            t = time_interleaved(fns, x, y, args.repeats, args.device, labels)
+            tp, te = t[0], t[1]
+            cold_cols = f"{'(fresh)':>12}{'':>12}" if fresh else f"{t[2] * 1e3:>12.2f}{t[2] / tp:>12.2f}"
+            print(f"{comp:<15}{name:<24}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>10.2f}{cold_cols}", flush=True)
+            cells.append((comp, name, fp, fe if not fresh else cold(fe), y))
+    # memory last: measuring it changes how the process allocates (benchmarks/memory.py)
+    memory = None if args.device.startswith("cuda") else StepMemory()
+    print("\npeak memory of one call, median of 3 (MB)")
+    print(f"{'composition':<15}{'loss':<24}{'plain MB':>10}{'EE MB':>10}{'EE/plain':>10}")
+    for comp, name, fp, fe, y in cells:
+        mp = statistics.median(peak_memory(fp, x, y, args.device, memory) or 0 for _ in range(3))
+        me = statistics.median(peak_memory(fe, x, y, args.device, memory) or 0 for _ in range(3))
+        print(f"{comp:<15}{name:<24}{mp / 2**20:>10.2f}{me / 2**20:>10.2f}"
+              f"{me / mp if mp else float('nan'):>10.2f}", flush=True)
+
+
+BALANCED = ("32x4", "16x8", "64x2")
+
+
+def _callables(args):
+    """(name, plain call, EE call) for every loss, then HPHN vs BatchHard + Triplet."""
     for name, make in LOSSES.items():
         plain = make()
         ee = EmbeddingExpansionLoss(make(), n_points=args.n_points, pairs=args.pairs)
         if name == "MultiSimilarityLoss":  # the usual pairing: MS loss with its miner
             ms_miner = miners.MultiSimilarityMiner()
-            fp = lambda e, l, p=plain, m=ms_miner: p(e, l, m(e, l))  # noqa: E731
-            fe = lambda e, l, q=ee, m=ms_miner: q(e, l, m(e, l))  # noqa: E731
+            yield (name + "+miner", lambda e, l, p=plain, m=ms_miner: p(e, l, m(e, l)),
+                   lambda e, l, q=ee, m=ms_miner: q(e, l, m(e, l)))
         else:
-            fp, fe = plain, ee
-        tp, te, tc = time_interleaved([fp, fe, cold(fe)], x, y, args.repeats, args.device)
-        print(f"{name:<24}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>10.2f}{tc * 1e3:>12.2f}{tc / tp:>12.2f}")
+            yield name, plain, ee
     bh_miner = miners.BatchHardMiner()
     bh_loss = losses.TripletMarginLoss(margin=1e-5, reducer=reducers.MeanReducer())
-    hphn = HPHNTripletLoss(n_points=args.n_points, pairs="adjacent")
-    tp, te = time_pair(lambda e, l: bh_loss(e, l, bh_miner(e, l)), hphn, x, y, args.repeats, args.device)
-    print(f"{'HPHN vs BatchHard+Trip':<24}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>10.2f}")
+    yield ("HPHN vs BatchHard+Trip", lambda e, l: bh_loss(e, l, bh_miner(e, l)),
+           HPHNTripletLoss(n_points=args.n_points, pairs="adjacent"))
+
+
+def search_paths(args):
+    """The two EE searches side by side on one layout per composition (the search alone: Gram
+    matrix, search, selected values, backward; LpDistance), and which one the cost model picks."""
+    from pytorch_metric_learning import distances
+
+    from pml_ext.functional import embedding_expansion_groups as groups
+
+    dist = distances.LpDistance()
+    x, _ = batch(args.batch, args.per_class, args.dim, args.device)
+    print(f"{'composition':<15}{'n':>3} {'pairs':<9}{'M':>6}{'blocked entries':>17}{'grouped entries':>17}"
+          f"{'blocked ms':>12}{'grouped ms':>12}  choice")
+
+    def search(layout):
+        return lambda e, l: ee_functional.hardest_negative_pairs_in_layout(e, layout, dist, True).hardest.sum()
+
+    for comp in args.compositions or list(COMPOSITIONS):
+        y = COMPOSITIONS[comp](args.batch, torch.Generator().manual_seed(0), None).to(args.device)
+        for n, pairs in ((2, "all"), (2, "adjacent"), (8, "all")):
+            layout = ee_functional.batch_layout(y, n, pairs)
+            sizes = layout.class_sizes
+            c, kk, k = layout.num_classes, int(sizes.max()), int(torch.bincount(layout.classes).max())
+            blocked_entries = (c * kk) * (c * kk + c * k)
+            times = []
+            for path in ("blocked", "groups"):
+                if path == "blocked" and blocked_entries > 3e8:  # minutes per call
+                    times.append(float("nan"))
+                    continue
+                ee_functional._SEARCH = path
+                try:
+                    times.append(time_interleaved([search(layout)], x, y, max(3, args.repeats // 2),
+                                                  args.device)[0])
+                finally:
+                    ee_functional._SEARCH = "auto"
+            choice = "grouped" if groups.use_groups(layout) else "blocked"
+            print(f"{comp:<15}{n:>3} {pairs:<9}{int(sizes.sum()):>6}{blocked_entries:>17}"
+                  f"{groups.class_groups(layout).entries():>17}{times[0] * 1e3:>12.2f}{times[1] * 1e3:>12.2f}  {choice}",
+                  flush=True)
 
 
 def scaling(args):

@@ -147,12 +147,21 @@ def _run_module(*args):
 
 
 def test_perf_ee_prints_side_by_side_ratios():
-    out = _run_module("benchmarks.perf_ee", "--batch", "16", "--dim", "8", "--repeats", "1", "--device", "cpu")
-    rows = [line.split() for line in out.splitlines() if line.startswith(("TripletMarginLoss", "NPairsLoss"))]
-    assert len(rows) == 2
-    for row in rows:  # plain ms, EE ms, EE/plain, EE cold ms, cold/plain: ratios consistent with the times
-        plain, ee, ratio = map(float, row[1:4])
+    out = _run_module("benchmarks.perf_ee", "--batch", "16", "--dim", "8", "--repeats", "1", "--device", "cpu",
+                      "--compositions", "32x4", "zipf60")
+    timing = out.split("peak memory")[0]
+    rows = [line.split() for line in timing.splitlines() if line.split()[1:2] in (["TripletMarginLoss"], ["NPairsLoss"])]
+    assert [r[0] for r in rows] == ["32x4", "32x4", "zipf60", "zipf60"]
+    for row in rows:  # composition, loss, plain ms, EE ms, EE/plain, ...: ratios consistent with the times
+        plain, ee, ratio = map(float, row[2:5])
         assert ratio == pytest.approx(ee / plain, rel=0.05, abs=0.01)  # printed with 2 decimals
+
+
+def test_perf_ee_times_both_searches():
+    out = _run_module("benchmarks.perf_ee", "--paths", "--batch", "16", "--dim", "8", "--repeats", "1",
+                      "--device", "cpu", "--compositions", "random40")
+    rows = [line.split() for line in out.splitlines() if line.startswith("random40")]
+    assert len(rows) == 3 and all(r[-1] in ("blocked", "grouped") for r in rows)
 
 
 def test_perf_steps_runs_every_method_and_reports_memory():

@@ -1,7 +1,9 @@
 """Pure tensor math of pml_ext: no classes with state, no PML modules constructed here."""
 from .embedding_expansion import *  # noqa: F401,F403
 from .embedding_expansion import __all__ as _ee_all
+from .embedding_expansion_groups import *  # noqa: F401,F403
+from .embedding_expansion_groups import __all__ as _groups_all
 from .hardness_aware import *  # noqa: F401,F403
 from .hardness_aware import __all__ as _hdml_all
 
-__all__ = list(_ee_all) + list(_hdml_all)
+__all__ = list(_ee_all) + list(_groups_all) + list(_hdml_all)

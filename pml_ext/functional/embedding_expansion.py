@@ -145,14 +145,13 @@ def expand(
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt that is 0 with zero gradient where x <= 0 (duplicate points), never NaN."""
-    positive = x > 0
-    return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(x))
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), 0.0)
 
 
 def _safe_inverse(norm: torch.Tensor) -> torch.Tensor:
     """1/norm, and 0 where the norm is 0: a zero-norm midpoint (antipodal endpoints) stays at the
     origin rather than becoming NaN."""
-    return torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+    return torch.where(norm > 0, norm.clamp_min(torch.finfo(norm.dtype).tiny).reciprocal(), 0.0)
 
 
 def _sq_norms(gram, f, s, wf, ws) -> torch.Tensor:
@@ -371,16 +370,42 @@ class BatchLayout:
     k x k block of the originals' Gram matrix.
     """
 
+    _BLOCKED = ("slots", "weights", "valid_slot", "synthetic_slot", "original_slot", "has_synthetic",
+                "row_base", "col_base")
+
     def __init__(self, classes: torch.Tensor, num_classes: int, ex: ExpandedSet):
-        b, m, device = ex.num_originals, ex.labels.numel(), classes.device
+        b, device = ex.num_originals, classes.device
         self.classes, self.num_classes, self.expanded = classes, num_classes, ex
         c = num_classes
         self.first_index = _first_positions(classes, c)
-        originals = _class_slots(classes, c)  # [C, k]
+        self._original_slots = _class_slots(classes, c)  # [C, k]
+        self.originals = self._original_slots.flatten().clamp(max=max(b - 1, 0))
+        # points of each class's expanded set, K_c: what the search's cost follows
+        self.class_sizes = torch.bincount(classes[ex.first], minlength=c)
+        self.class_eye = torch.eye(c, dtype=torch.bool, device=device)
+        self.pair_index = classes[:, None] * c + classes[None, :]
+        self.negative = classes[:, None] != classes[None, :]
+        self.positive = ~self.negative & ~torch.eye(b, dtype=torch.bool, device=device)  # same class, i != j
+        self._extras: dict = {}
+
+    def __getattr__(self, name):
+        # the padded [C, K] slot structures are built on first use: the grouped search
+        # (embedding_expansion_groups) does not need them
+        if name == "slots":
+            m = self.expanded.labels.numel()
+            self.slots = _class_slots(self.classes[self.expanded.first] if m else self.classes, self.num_classes)
+            return self.slots
+        if name in BatchLayout._BLOCKED:
+            self._build_blocked()
+            return self.__dict__[name]
+        raise AttributeError(name)
+
+    def _build_blocked(self) -> None:
+        ex, classes, c = self.expanded, self.classes, self.num_classes
+        b, m, device = ex.num_originals, ex.labels.numel(), classes.device
+        originals = self._original_slots
         k = originals.shape[1]
-        self.slots = _class_slots(classes[ex.first] if m else classes, c)  # [C, K]
-        kk = self.slots.shape[1]
-        self.originals = originals.flatten().clamp(max=max(b - 1, 0))
+        kk = self.slots.shape[1]  # [C, K]
         valid = self.slots < m
         self.valid_slot = None if bool(valid.all()) else valid
         flat = self.slots.flatten().clamp(max=max(m - 1, 0))
@@ -398,11 +423,6 @@ class BatchLayout:
         # [C, C] base offsets of class x's and class y's slots in the flattened [C·K] layout
         self.row_base = (torch.arange(c, device=device) * kk)[:, None]
         self.col_base = (torch.arange(c, device=device) * kk)[None, :]
-        self.class_eye = torch.eye(c, dtype=torch.bool, device=device)
-        self.pair_index = classes[:, None] * c + classes[None, :]
-        self.negative = classes[:, None] != classes[None, :]
-        self.positive = ~self.negative & ~torch.eye(b, dtype=torch.bool, device=device)  # same class, i != j
-        self._extras: dict = {}
 
     def extra(self, name: str, build):
         """A per-layout cache for structures the losses derive from the label pattern."""
@@ -473,17 +493,47 @@ class _Gram(torch.autograd.Function):
         return (g + g.t()).to(x.dtype) @ x  # differentiable ops: double backward still works
 
 
+def _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean: bool, power):
+    """The selected pairs' values from their inner product r and squared norms n_r, n_c (before
+    EE Eq. 2): s = n^(-1/2) for a normalised synthetic point (1 otherwise), inner = r·s_r·s_c;
+    Euclidean: sqrt(n̂_r + n̂_c − 2·inner) with n̂ = 1 for normalised points; then the power.
+    Returns (value, saved) with ``saved`` what :func:`_pair_chain_backward` needs."""
+    s_r = torch.where(syn_r, _safe_inverse(safe_sqrt(n_r)), torch.ones_like(n_r))
+    s_c = torch.where(syn_c, _safe_inverse(safe_sqrt(n_c)), torch.ones_like(n_c))
+    base = r * s_r * s_c
+    if euclidean:
+        base = safe_sqrt((n_r * s_r * s_r + n_c * s_c * s_c - 2 * base).masked_fill(same, 0))
+    return (base**power if power != 1 else base), (syn_r, syn_c, r, s_r, s_c, base)
+
+
+def _pair_chain_backward(u, syn_r, syn_c, r, s_r, s_c, base, euclidean: bool, power):
+    """Gradients of :func:`_pair_chain`'s value with respect to r, n_r and n_c."""
+    if power != 1:
+        u = u * power * base ** (power - 1)
+    zero = torch.zeros_like(u)
+    if euclidean:
+        u_d2 = u * 0.5 * torch.where(base > 0, 1 / base.clamp_min(torch.finfo(base.dtype).tiny), zero)
+        u_inner = -2 * u_d2
+        u_nr, u_nc = torch.where(syn_r, zero, u_d2), torch.where(syn_c, zero, u_d2)  # n̂ = 1: constant
+    else:
+        u_inner, u_nr, u_nc = u, zero, zero
+    u_r = u_inner * s_r * s_c
+    # d s/d n = -s³/2 (s = 0 for a zero-norm point: no gradient)
+    u_nr = u_nr - torch.where(syn_r, 0.5 * s_r**3 * u_inner * r * s_c, zero)
+    u_nc = u_nc - torch.where(syn_c, 0.5 * s_c**3 * u_inner * r * s_r, zero)
+    return u_r, u_nr, u_nc
+
+
 class _SelectedPairValues(torch.autograd.Function):
     """The distance of the selected pair of every class pair, from the class-blocked Gram matrix.
 
     Inputs: ``gs`` [C, k, C, k] Gram blocks; ``wr``/``wc`` [C, C, k] the selected points'
     weights over their classes' originals (row point in class x, column point in class y);
     ``syn_r``/``syn_c`` [C, C] whether that point is an L2-normalised synthetic point (EE Eq. 2);
-    ``same`` [C, C] the pair is one point. With r = wrᵀ G_xy wc, n = wᵀ G_xx w and s = n^(-1/2)
-    for normalised points (1 otherwise): inner = r·s_r·s_c; Euclidean: sqrt(n̂_r + n̂_c − 2·inner)
-    with n̂ = 1 for normalised points. The backward writes the three k x k outer products of each
-    pair into its Gram blocks directly, a fixed handful of batched ops (autograd through the same
-    formula needed ~90 small ops).
+    ``same`` [C, C] the pair is one point. With r = wrᵀ G_xy wc and n = wᵀ G_xx w, the value is
+    :func:`_pair_chain`. The backward writes the three k x k outer products of each pair into its
+    Gram blocks directly, a fixed handful of batched ops (autograd through the same formula
+    needed ~90 small ops).
     """
 
     @staticmethod
@@ -494,32 +544,16 @@ class _SelectedPairValues(torch.autograd.Function):
         n_r = (torch.bmm(wr, gcc) * wr).sum(-1)
         wct = wc.transpose(0, 1)  # [y, x, k]
         n_c = (torch.bmm(wct, gcc) * wct).sum(-1).t()
-        s_r = torch.where(syn_r, _safe_inverse(safe_sqrt(n_r)), torch.ones_like(n_r))
-        s_c = torch.where(syn_c, _safe_inverse(safe_sqrt(n_c)), torch.ones_like(n_c))
-        base = r * s_r * s_c
-        if euclidean:
-            base = safe_sqrt((n_r * s_r * s_r + n_c * s_c * s_c - 2 * base).masked_fill(same, 0))
-        ctx.save_for_backward(wr, wc, syn_r, syn_c, r, s_r, s_c, base)
-        ctx.euclidean, ctx.power, ctx.gs_shape = euclidean, power, gs.shape
-        return base**power if power != 1 else base
+        value, saved = _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean, power)
+        ctx.save_for_backward(wr, wc, *saved)
+        ctx.euclidean, ctx.power = euclidean, power
+        return value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, u):
-        wr, wc, syn_r, syn_c, r, s_r, s_c, base = ctx.saved_tensors
-        if ctx.power != 1:
-            u = u * ctx.power * base ** (ctx.power - 1)
-        zero = torch.zeros_like(u)
-        if ctx.euclidean:
-            u_d2 = u * 0.5 * torch.where(base > 0, 1 / base.clamp_min(torch.finfo(base.dtype).tiny), zero)
-            u_inner = -2 * u_d2
-            u_nr, u_nc = torch.where(syn_r, zero, u_d2), torch.where(syn_c, zero, u_d2)  # n̂ = 1: constant
-        else:
-            u_inner, u_nr, u_nc = u, zero, zero
-        u_r = u_inner * s_r * s_c
-        # d s/d n = -s³/2 (s = 0 for a zero-norm point: no gradient)
-        u_nr = u_nr - torch.where(syn_r, 0.5 * s_r**3 * u_inner * r * s_c, zero)
-        u_nc = u_nc - torch.where(syn_c, 0.5 * s_c**3 * u_inner * r * s_r, zero)
+        wr, wc, *saved = ctx.saved_tensors
+        u_r, u_nr, u_nc = _pair_chain_backward(u, *saved, ctx.euclidean, ctx.power)
         grad = (u_r[..., None, None] * wr[..., :, None] * wc[..., None, :]).permute(0, 2, 1, 3).contiguous()
         wct = wc.transpose(0, 1)  # [y, x, k]
         diag = (torch.bmm((wr * u_nr[..., None]).transpose(1, 2), wr)
@@ -528,7 +562,10 @@ class _SelectedPairValues(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-_SEARCH_CHUNK_ENTRIES = 1 << 22  # bound on the transient search block, in entries (16 MB in float32)
+_SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient search block, in entries (1 MB in float32)
+# "auto": the blocked search below or the grouped one (embedding_expansion_groups), whichever the
+# cost model expects cheaper for the label pattern; "blocked" / "groups" force one (tests)
+_SEARCH = "auto"
 
 
 def _search_class_pairs(block, c: int, kk: int, inverted: bool, valid: Optional[torch.Tensor],
@@ -593,11 +630,15 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     products themselves (``search_inverted=True``) without square roots. ``originals_best``
     also returns the best value per class pair over originals only (the miner's statistics).
     """
-    slots = layout.slots
-    c, kk, k = layout.weights.shape
     kind = gram_kind(distance)
     if kind is None:
         return _hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
+    from .embedding_expansion_groups import hardest_negative_pairs_in_groups, use_groups
+
+    if _SEARCH == "groups" or (_SEARCH == "auto" and use_groups(layout)):
+        return hardest_negative_pairs_in_groups(embeddings, layout, distance, kind, normalize, originals_best)
+    slots = layout.slots
+    c, kk, k = layout.weights.shape
     x = distance.maybe_normalize(embeddings)
     gram = _Gram.apply(x)
     gs = gram.index_select(0, layout.originals).index_select(1, layout.originals).view(c, k, c, k)

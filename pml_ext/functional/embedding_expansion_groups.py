@@ -1,0 +1,380 @@
+"""EE's hard negative pair search over groups of equal-size classes (Ko & Gu, CVPR 2020, §3.2).
+
+The blocked search (:func:`~pml_ext.functional.hardest_negative_pairs_in_layout`) pads every class to
+the largest class's expanded size K and searches C²K² entries. That is exact work for balanced
+batches, but with unequal classes (random labels, long-tailed data) the padded box is far larger
+than the M² pairs of the expanded set that exists: with ``pairs="all"`` a class of k samples has
+k + n·k(k−1)/2 points, so one large class sets K for all. Here the cost follows the expanded set:
+
+- the expanded points are reordered class by class, classes by ascending expanded size, and
+  classes are grouped by size (equal sizes share a group without padding; neighbouring sizes are
+  merged when one more group costs more than its padding: :func:`_partition`, a dynamic
+  programme over the distinct sizes);
+- stage 1: for every group, the inner products of its points with every point from the group's
+  own first one on, ``W_g · G[originals_g, :]`` (a batched product over each class's originals,
+  as in the blocked search), reduced over each class's points (values only): the best point of
+  every class against every later point, [C, M]. Search values are symmetric, so a pair of
+  classes in different groups is searched once (from the smaller class's group), and a class
+  alone in its group is not searched against itself (no loss reads the diagonal);
+- stage 2: for every class pair, the best row point (two scatter reductions over [C, M]);
+- stage 3: the C·M values of those row points against every point of the column class give the
+  column point; pairs searched from the other side are mirrored.
+
+:func:`use_groups` chooses between the two searches per batch from the label pattern alone (a
+cost model of both searches' entries and fixed work). The gradient flows only through the C²
+selected pairs, from the endpoints of their points (:class:`_SelectedEndpointValues`).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+import numpy as np
+import torch
+
+from . import embedding_expansion as _ee
+from .embedding_expansion import (
+    HardestPairs,
+    _Gram,
+    _mat_from_gram,
+    _pair_chain,
+    _pair_chain_backward,
+    _safe_inverse,
+    _sq_norms,
+    safe_sqrt,
+)
+
+__all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
+
+# Cost model, in units of one stage-1 search entry. Measured on CPU (B = 128, d = 512, one thread;
+# ``python -m benchmarks.perf_ee --paths`` times both searches side by side): an entry costs about
+# the same in both searches (~1 ns, batched products), the grouped search has ~0.4 ms more fixed
+# work (stage 2/3, the ordering) and each group adds a few small operations; a padded blocked
+# search (classes of unequal size) masks its padding and costs ~4x per entry; each memory chunk of
+# the blocked search costs ~0.1 ms more.
+_BLOCKED_ENTRY_COST = 1.0
+_BLOCKED_PADDED_ENTRY_COST = 4.0
+_BLOCKED_CHUNK_COST = 100_000
+_GROUPED_FIXED_COST = 400_000
+_GROUP_COST = 50_000
+_SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient stage-1 block, in entries (1 MB in float32)
+
+
+class ClassGroup(NamedTuple):
+    """Classes searched together, their points at positions of :attr:`ClassGroups.order`.
+    ``slots[c, s]`` is the position of the s-th point of the group's c-th class; a class smaller
+    than the group's size repeats its last point (a duplicate changes no minimum or maximum), so
+    no slot is masked. ``weights[c, s]`` writes that point over the class's originals
+    ``originals[c]`` (batch indices, the last repeated with weight 0), as in
+    :class:`~pml_ext.functional.BatchLayout`. Stage 1 searches the group's points against
+    positions ``row_start..M-1``: the points of its own group (when it has several classes) and of
+    every later group; a pair of classes in different groups is searched once, from the earlier
+    (smaller) group."""
+
+    classes: torch.Tensor  # [C_g] class indices
+    slots: torch.Tensor  # [C_g, K_g] positions
+    weights: torch.Tensor  # [C_g, K_g, k_g] (EE Eq. 1, before Eq. 2's scaling)
+    originals: torch.Tensor  # [C_g·k_g] batch indices
+    row_start: int
+
+
+class ClassGroups(NamedTuple):
+    """The expanded set reordered class by class, classes by ascending expanded size."""
+
+    order: torch.Tensor  # [M] expanded-set index at each position
+    point_class: torch.Tensor  # [M] class of the point at each position
+    first: torch.Tensor  # [M] the point's two originals and their weights, by position
+    second: torch.Tensor
+    w_first: torch.Tensor
+    w_second: torch.Tensor
+    synthetic: torch.Tensor  # [M] bool
+    alone: torch.Tensor  # [C] bool: the class is alone in its group (its own pairs are not searched)
+    direct: torch.Tensor  # [C, C] bool: pair (x, y) searched with x's points as rows (group x >= group y)
+    mirror: torch.Tensor  # [C, C] bool: searched from the other side (group x < group y)
+    first_position: torch.Tensor  # [C] position of each class's first point
+    endpoints: torch.Tensor  # [2, M] first and second original of each point, by position
+    endpoint_weights: torch.Tensor  # [2, M] their weights (EE Eq. 1)
+    has_synthetic: bool
+    groups: List[ClassGroup]
+
+    def entries(self) -> int:
+        """Stage-1 search entries (the cost model's measure)."""
+        m = self.order.numel()
+        return sum(g.slots.numel() * (m - g.row_start) for g in self.groups)
+
+
+def _partition(sizes: List[int], counts: List[int], m: int) -> List[int]:
+    """Ends of the groups over the distinct class sizes sorted ascending (indices into ``sizes``,
+    exclusive): the grouping with the fewest stage-1 entries plus _GROUP_COST per group (dynamic
+    programme over the distinct sizes, a handful). A group of sizes i..j-1 pads its classes to
+    sizes[j-1] and searches them against every point from its own first one (after its own points
+    when it holds one class)."""
+    d = len(sizes)
+    classes, points = [0], [0]  # prefix counts of classes and of points
+    for size, n in zip(sizes, counts):
+        classes.append(classes[-1] + n)
+        points.append(points[-1] + n * size)
+    best, cut = [0.0] + [float("inf")] * d, [0] * (d + 1)
+    for j in range(1, d + 1):
+        for i in range(j):
+            n_classes = classes[j] - classes[i]
+            rows = m - points[i] - (sizes[j - 1] if n_classes == 1 else 0)
+            cost = best[i] + sizes[j - 1] * n_classes * rows + _GROUP_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ends, j = [], d
+    while j > 0:
+        ends.append(j)
+        j = cut[j]
+    return ends[::-1]
+
+
+def class_groups(layout) -> ClassGroups:
+    """The class groups of a :class:`~pml_ext.functional.BatchLayout` (cached on it)."""
+    return layout.extra("groups", _build_groups)
+
+
+def _build_groups(layout) -> ClassGroups:
+    """The groups of a label pattern, built on the CPU with NumPy: index arithmetic over a few
+    hundred integers, paid once per pattern (every step for random batches), where each of the
+    ~50 steps would cost a tensor operation's fixed overhead."""
+    ex, c, device = layout.expanded, layout.num_classes, layout.classes.device
+    b, m = ex.num_originals, ex.labels.numel()
+    sizes = layout.class_sizes.cpu().numpy()
+    classes = layout.classes.cpu().numpy()
+    e_first, e_second = ex.first.cpu().numpy(), ex.second.cpu().numpy()
+    by_size = np.argsort(sizes, kind="stable")
+    sorted_sizes = sizes[by_size]
+    rank = np.empty_like(by_size)
+    rank[by_size] = np.arange(c)
+    order = np.argsort(rank[classes[e_first]], kind="stable")  # class by class, originals first
+    first, second = e_first[order], e_second[order]
+    w_first, w_second = ex.w_first.cpu().numpy()[order], ex.w_second.cpu().numpy()[order]
+    start = np.cumsum(sorted_sizes) - sorted_sizes  # [C] first position, by rank
+    k_sizes = np.bincount(classes, minlength=c)[by_size]  # originals per class, by rank
+    distinct, counts = np.unique(sorted_sizes, return_counts=True)
+    distinct, counts = distinct.tolist(), counts.tolist()
+    # the groups: classes, points per class, originals per class, first searched position
+    n_g, big_k, small_k, row_starts = [], [], [], []
+    k_run = np.maximum.accumulate(k_sizes).tolist() if c else []  # originals of the largest so far
+    first_size, first_rank, first_point = 0, 0, 0
+    for end in _partition(distinct, counts, m) if m else []:
+        n = sum(counts[first_size:end])
+        n_g.append(n)
+        big_k.append(distinct[end - 1])
+        small_k.append(k_run[first_rank + n - 1])
+        row_starts.append(first_point if n > 1 else first_point + distinct[end - 1])
+        first_point += sum(cn * sz for cn, sz in zip(counts[first_size:end], distinct[first_size:end]))
+        first_size, first_rank = end, first_rank + n
+    # every group at once, flattened class by class (by rank): slots, weights, originals
+    per_class_k = np.repeat(np.array(big_k, dtype=np.int64), n_g)
+    per_class_k_orig = np.repeat(np.array(small_k, dtype=np.int64), n_g)
+    cls = np.repeat(np.arange(c), per_class_k)  # rank of each slot
+    slot = np.arange(cls.size) - (np.cumsum(per_class_k) - per_class_k)[cls]
+    slots = start[cls] + np.minimum(slot, sorted_sizes[cls] - 1)  # [Σ C_g·K_g] positions
+    original_slots = layout._original_slots.cpu().numpy()  # [C, k] batch indices, padding = B
+    place = np.zeros(b + 1, dtype=np.int64)  # every original's place among its class's originals
+    place[original_slots] = np.broadcast_to(np.arange(original_slots.shape[1]), original_slots.shape)
+    rows = per_class_k_orig[cls]
+    base = np.cumsum(rows) - rows  # each slot's weight row
+    w = np.zeros(int(rows.sum()), dtype=w_first.dtype)
+    np.add.at(w, base + place[first[slots]], w_first[slots])
+    np.add.at(w, base + place[second[slots]], w_second[slots])
+    cls_o = np.repeat(np.arange(c), per_class_k_orig)
+    i = np.arange(cls_o.size) - (np.cumsum(per_class_k_orig) - per_class_k_orig)[cls_o]
+    members = original_slots[by_size[cls_o], np.minimum(i, k_sizes[cls_o] - 1)]  # the last repeated, weight 0
+    group = np.repeat(np.arange(len(n_g)), n_g)[rank]  # [C] by class
+    alone = np.repeat(np.array(n_g) == 1, n_g)[rank]
+    same_group = group[:, None] == group[None, :]
+    direct = (group[:, None] > group[None, :]) | (same_group & ~(np.eye(c, dtype=bool) & alone[:, None]))
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    split = np.cumsum([0] + [n * kk for n, kk in zip(n_g, big_k)])
+    split_w = np.cumsum([0] + [n * kk * k for n, kk, k in zip(n_g, big_k, small_k)])
+    split_o = np.cumsum([0] + [n * k for n, k in zip(n_g, small_k)])
+    split_c = np.cumsum([0] + n_g)
+    groups = [ClassGroup(t(by_size[split_c[j]:split_c[j + 1]]), t(slots[split[j]:split[j + 1]]).view(n, kk),
+                         t(w[split_w[j]:split_w[j + 1]]).view(n, kk, k), t(members[split_o[j]:split_o[j + 1]]), rs)
+              for j, (n, kk, k, rs) in enumerate(zip(n_g, big_k, small_k, row_starts))]
+    return ClassGroups(t(order), t(classes[first]), t(first), t(second), t(w_first), t(w_second),
+                       t(ex.is_synthetic.cpu().numpy()[order]), t(alone), t(direct),
+                       t(group[:, None] < group[None, :]), t(start[rank]), t(np.stack([first, second])),
+                       t(np.stack([w_first, w_second])), bool(ex.is_synthetic.any()), groups)
+
+
+def use_groups(layout) -> bool:
+    """Whether the grouped search is expected to be cheaper than the blocked one for this label
+    pattern (from class sizes only; the answer is cached on the layout)."""
+    return layout.extra("use_groups", _choose)
+
+
+def _choose(layout) -> bool:
+    sizes = layout.class_sizes
+    c, m = layout.num_classes, int(sizes.sum())
+    if c == 0 or m == 0:
+        return False
+    kk = int(sizes.max())
+    k = int(torch.bincount(layout.classes, minlength=c).max())
+    per_entry = _BLOCKED_ENTRY_COST if int(sizes.min()) == kk else _BLOCKED_PADDED_ENTRY_COST
+    blocked = per_entry * (c * kk) * (c * kk + c * k)  # the [C, C, K, K] search and W·G
+    classes_per_chunk = max(1, _ee._SEARCH_CHUNK_ENTRIES // max(1, c * kk * kk))
+    blocked += _BLOCKED_CHUNK_COST * -(-c // classes_per_chunk)
+    # every pair of points of different classes is searched at least once
+    if blocked <= _GROUPED_FIXED_COST + (m * m - int((sizes * sizes).sum())) / 2:
+        return False
+    groups = class_groups(layout)
+    return groups.entries() + _GROUP_COST * len(groups.groups) + _GROUPED_FIXED_COST < blocked
+
+
+class _SelectedEndpointValues(torch.autograd.Function):
+    """The distance of selected expanded-point pairs from the originals' Gram matrix.
+
+    ``ends`` [4, ...]: the row point's two originals, then the column point's; ``weights`` [4, ...]
+    their weights (EE Eq. 1, before Eq. 2's scaling); ``syn_r``/``syn_c``: the point is an
+    L2-normalised synthetic point; ``same``: the pair is one point. With r the pair's inner
+    product and n each point's squared norm (a few Gram entries each), the value is
+    ``_pair_chain``; the backward adds the ten weighted Gram entries' gradients in one index_put.
+    """
+
+    @staticmethod
+    def forward(ctx, gram, ends, weights, syn_r, syn_c, same, euclidean: bool, power):
+        er, ec, wr, wc = ends[:2], ends[2:], weights[:2], weights[2:]  # [2, ...] each
+        # r = Σ_αβ wr_α wc_β G[er_α, ec_β]; n = Σ_αβ w_α w_β G[e_α, e_β] for each point
+        r = (gram[er[:, None], ec[None, :]] * (wr[:, None] * wc[None, :])).sum((0, 1))
+        n_r = (gram[er[:, None], er[None, :]] * (wr[:, None] * wr[None, :])).sum((0, 1))
+        n_c = (gram[ec[:, None], ec[None, :]] * (wc[:, None] * wc[None, :])).sum((0, 1))
+        value, saved = _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean, power)
+        ctx.save_for_backward(ends, weights, *saved)
+        ctx.euclidean, ctx.power, ctx.gram_shape = euclidean, power, gram.shape
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u):
+        ends, weights, *saved = ctx.saved_tensors
+        u_r, u_nr, u_nc = _pair_chain_backward(u, *saved, ctx.euclidean, ctx.power)
+        er, ec, wr, wc = ends[:2], ends[2:], weights[:2], weights[2:]
+        rows = torch.cat([er[:, None].expand(2, 2, *u.shape), er[:, None].expand(2, 2, *u.shape),
+                          ec[:, None].expand(2, 2, *u.shape)])
+        cols = torch.cat([ec[None, :].expand(2, 2, *u.shape), er[None, :].expand(2, 2, *u.shape),
+                          ec[None, :].expand(2, 2, *u.shape)])
+        vals = torch.cat([u_r * wr[:, None] * wc[None, :], u_nr * wr[:, None] * wr[None, :],
+                          u_nc * wc[:, None] * wc[None, :]])
+        grad = torch.zeros(ctx.gram_shape, dtype=u.dtype, device=u.device)
+        grad.index_put_((rows.flatten(), cols.flatten()), vals.flatten(), accumulate=True)
+        return grad, None, None, None, None, None, None, None
+
+
+def _segment_best(values, segment, num_segments, inverted, worst):
+    """Best of ``values`` [R, M] over the columns of each segment (``segment`` [M] in
+    0..S-1), [R, S], and the first column attaining it: two scatter reductions, no sort."""
+    r, m = values.shape
+    index = segment[None, :].expand(r, m)
+    best = values.new_full((r, num_segments), worst).scatter_reduce(1, index, values, "amax" if inverted else "amin")
+    hit = values == best.gather(1, index)
+    first = torch.where(hit, torch.arange(m, device=values.device)[None, :], m)
+    arg = torch.full((r, num_segments), m, dtype=torch.long, device=values.device).scatter_reduce(1, index, first, "amin")
+    return best, arg.clamp(max=max(m - 1, 0))
+
+
+def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance, kind: str,
+                                     normalize: bool = True, originals_best: bool = False) -> HardestPairs:
+    """EE's hard negative pair mining (§3.2) by the grouped search (module docstring); the same
+    result as :func:`~pml_ext.functional.hardest_negative_pairs_in_layout` off the diagonal (up
+    to exact ties). On the diagonal (a class against itself, which no loss uses) a class alone
+    in its group gets its first point paired with itself.
+
+    Stage 1 computes, group by group, only the best value of each class against every later
+    point (values, no indices: a plain reduction over the slots). Stage 2 finds, for every class
+    pair, the best row point from that [C, M] table; stage 3 recomputes the C·M values of those
+    row points against every point of the column class to find the column point. Pairs searched
+    from the other side are mirrored (the search values are symmetric).
+    """
+    ex, c = layout.expanded, layout.num_classes
+    m = ex.labels.numel()
+    grouped = class_groups(layout)
+    x = distance.maybe_normalize(embeddings)
+    gram = _Gram.apply(x)
+    normalizing = normalize and grouped.has_synthetic
+    with torch.no_grad():
+        gd = gram.detach()
+        order, point_class = grouped.order, grouped.point_class
+        f, s = grouped.first, grouped.second  # everything below is in position order
+        endpoint_weights = grouped.endpoint_weights.to(gd.dtype)  # EE Eq. 1
+        wf, ws = endpoint_weights
+        sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
+        scale = None
+        if normalizing:
+            scale = torch.where(grouped.synthetic, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
+            wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
+        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
+                     and bool((sq > 0.5).all()))
+        inverted = True if on_sphere else distance.is_inverted
+        worst = float("-inf") if inverted else float("inf")
+        # gt[j, p] = <original j, point at position p>: two column gathers of the Gram matrix
+        gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
+
+        def transform(r, sq_q, sq_p):
+            if on_sphere:
+                return r
+            if kind == "euclidean":
+                r = safe_sqrt(sq_q + sq_p - 2 * r)
+            return r**distance.power if distance.power != 1 else r
+
+        def against(g: ClassGroup, lo: int, hi: int):
+            """Search values of classes lo..hi-1 of group g against positions g.row_start..M-1,
+            [classes, K_g, positions]: a batched product over each class's originals."""
+            w = g.weights[lo:hi].to(gd.dtype)
+            if scale is not None:
+                w = w * scale[g.slots[lo:hi]][..., None]
+            k = w.shape[2]
+            rows = gt[:, g.row_start:].index_select(0, g.originals[lo * k:hi * k]).view(hi - lo, k, -1)
+            return transform(torch.bmm(w, rows), sq[g.slots[lo:hi]][..., None], sq[g.row_start:])
+
+        def pairwise(q, p):
+            """Search values of the position pairs (q, p), broadcast."""
+            return transform(gt[f[q], p] * wf[q] + gt[s[q], p] * ws[q], sq[q], sq[p])
+
+        reduce = torch.amax if inverted else torch.amin
+        best_cp = gd.new_full((c, m), worst)  # best value of each class's points against each point
+        for g in grouped.groups:
+            if g.row_start == m:
+                continue  # the last, largest class alone: its pairs were searched from the other side
+            cg, kg = g.slots.shape
+            step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, kg * (m - g.row_start)))
+            for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
+                best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, lo, min(cg, lo + step)), dim=1)
+        # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
+        best_yx, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
+        # stage 3: every point q of class y against the row point chosen for (x, y); the first best q
+        q = torch.arange(m, device=gd.device)[:, None]
+        _, cols = _segment_best(pairwise(q, rows_yx.index_select(0, point_class)).t(), point_class, c,
+                                inverted, worst)  # [x, y]
+        rows = rows_yx.t()
+        # pairs searched from the other side are mirrored; a class alone in its group is paired with
+        # its first point on the diagonal
+        direct, mirror, first = grouped.direct, grouped.mirror, grouped.first_position
+        rows, cols = (torch.where(direct, rows, torch.where(mirror, cols.t(), first[:, None])),
+                      torch.where(direct, cols, torch.where(mirror, rows.t(), first[None, :])))
+        best = torch.where(direct, best_yx.t(), best_yx)
+        if bool(grouped.alone.any()):
+            self_value = transform(sq[first], sq[first], sq[first])
+            best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
+        best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
+        syn = grouped.synthetic & normalizing
+        ends = torch.cat([grouped.endpoints[:, rows], grouped.endpoints[:, cols]])
+        weights = torch.cat([endpoint_weights[:, rows], endpoint_weights[:, cols]])
+        syn_r, syn_c, same = syn[rows], syn[cols], rows == cols
+        rows, cols = order[rows], order[cols]
+    hardest = _SelectedEndpointValues.apply(gram, ends, weights, syn_r, syn_c, same, kind == "euclidean",
+                                            distance.power)
+    return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout.slots,
+                        _mat_from_gram(gram, kind, distance.power))
+
+
+def _originals_best(gd, classes, c, transform, inverted, worst):
+    """Best search value of every class pair over originals only, [C, C] (the miner's statistics)."""
+    sq = torch.diagonal(gd)
+    per_point, _ = _segment_best(transform(gd, sq[:, None], sq[None, :]), classes, c, inverted, worst)  # [B, y]
+    return _segment_best(per_point.t(), classes, c, inverted, worst)[0].t()

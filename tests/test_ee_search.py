@@ -1,0 +1,237 @@
+"""The grouped EE search (pml_ext/functional/embedding_expansion_groups.py): brute-force references
+on unbalanced, long-tailed, singleton-class and random-label batches; equality with the blocked
+search to float64 precision; gradients; degenerate batches; the cost model's choice."""
+import pytest
+import torch
+from pytorch_metric_learning import distances, losses
+
+import pml_ext.functional as F
+import pml_ext.functional.embedding_expansion as E
+import pml_ext.functional.embedding_expansion_groups as G
+from pml_ext.losses import EmbeddingExpansionLoss
+from pml_ext.miners import EmbeddingExpansionMiner
+
+from . import ee_reference as ref
+
+GRAM_DISTANCES = {
+    "l2": lambda: distances.LpDistance(),
+    "l2raw": lambda: distances.LpDistance(normalize_embeddings=False),
+    "l2sq": lambda: distances.LpDistance(power=2),
+    "cos": lambda: distances.CosineSimilarity(),
+    "dot": lambda: distances.DotProductSimilarity(normalize_embeddings=False),
+}
+
+BATCHES = {
+    "unbalanced": (0, 0, 1, 1, 1, 1, 1, 2, 2, 0, 3, 3),
+    "long_tailed": (0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 5),
+    "singletons": (0, 1, 2, 3, 4, 4),
+    "random": tuple(torch.randint(0, 5, (13,), generator=torch.Generator().manual_seed(3)).tolist()),
+}
+
+
+def batch(classes, seed=0, dim=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(classes), dim, generator=g, dtype=torch.float64), torch.tensor(classes)
+
+
+@pytest.fixture
+def search(monkeypatch):
+    """Force one search ("blocked" or "groups") for the test's calls. Groups cost nothing extra by
+    default here, so that every distinct class size gets its own group (small test batches would
+    otherwise share one group and leave the mirrored pairs untested)."""
+    def force(path, group_cost=0):
+        monkeypatch.setattr(E, "_SEARCH", path)
+        monkeypatch.setattr(G, "_GROUP_COST", group_cost)
+        E._LAYOUT_CACHE.clear()  # layouts cache their groups
+    yield force
+    E._LAYOUT_CACHE.clear()
+
+
+def hardest(x, y, dist, n, pairs, normalize, originals_best=True):
+    layout = F.batch_layout(y, n, pairs, x.dtype)
+    return layout, F.hardest_negative_pairs_in_layout(x, layout, dist, normalize, originals_best=originals_best)
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+@pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("n", [0, 2])
+def test_grouped_search_matches_brute_force(search, name, kind, pairs, n):
+    search("groups")
+    x, y = batch(BATCHES[name], seed=1)
+    normalize = kind != "l2raw"
+    dist = GRAM_DISTANCES[kind]()
+    hb = EmbeddingExpansionMiner(n_points=n, normalize=normalize, pairs=pairs, distance=dist).harden(x, y)
+    got = F.hardened_pair_matrix(dist(x), hb.classes, hb.classes, hb.hardest)
+    want = torch.tensor(ref.hardened_matrix(x, y, n, normalize, pairs, kind), dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-9), (got - want).abs().max()
+
+
+def _random_batch(trial):
+    g = torch.Generator().manual_seed(100 + trial)
+    b = int(torch.randint(2, 40, (1,), generator=g))
+    c = int(torch.randint(1, 12, (1,), generator=g))
+    if trial % 3 == 0:  # long-tailed
+        p = 1 / torch.arange(1, c + 1, dtype=torch.float64)
+        y = torch.multinomial(p, b, replacement=True, generator=g)
+    else:
+        y = torch.randint(0, c, (b,), generator=g)
+    return torch.randn(b, 6, generator=g, dtype=torch.float64), y
+
+
+@pytest.mark.parametrize("trial", range(6))
+@pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
+@pytest.mark.parametrize("group_cost", [0, G._GROUP_COST])
+def test_grouped_search_equals_blocked_search(search, trial, kind, group_cost):
+    """Hardest values, search values, originals-only values, selected pairs and gradients off the
+    diagonal (a class against itself, which no loss reads) agree to float64 precision."""
+    x, y = _random_batch(trial)
+    search("groups", group_cost)
+    assert len(F.class_groups(F.batch_layout(y, 2, "all", x.dtype)).groups) > (1 if group_cost == 0 else 0) \
+        or len(set(y.tolist())) < 3
+    for pairs in ("all", "adjacent"):
+        for n in (0, 1, 2):
+            for normalize in (True, False):
+                out = {}
+                for path in ("blocked", "groups"):
+                    search(path, group_cost)
+                    xx = x.clone().requires_grad_(True)
+                    layout, hp = hardest(xx, y, GRAM_DISTANCES[kind](), n, pairs, normalize)
+                    off = ~layout.class_eye
+                    weights = torch.arange(int(off.sum()), dtype=x.dtype)
+                    if off.any():
+                        (hp.hardest[off] * weights).sum().backward()
+                    out[path] = (hp.hardest[off].detach(), hp.best[off], hp.best_originals[off], xx.grad,
+                                 hp.rows[off], hp.cols[off], hp.search_inverted)
+                a, b = out["blocked"], out["groups"]
+                for u, v in zip(a[:3], b[:3]):
+                    assert torch.allclose(u, v, rtol=0, atol=1e-12)
+                assert (a[3] is None) == (b[3] is None)
+                if a[3] is not None:
+                    assert torch.allclose(a[3], b[3], rtol=0, atol=1e-12)
+                assert torch.equal(a[4], b[4]) and torch.equal(a[5], b[5]) and a[6] == b[6]
+
+
+@pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_grouped_search(search, kind, normalize):
+    search("groups")
+    x, y = batch(BATCHES["long_tailed"], seed=2, dim=4)
+    layout = F.batch_layout(y, 2, "all", x.dtype)
+    off = ~layout.class_eye
+
+    def f(e):
+        return F.hardest_negative_pairs_in_layout(e, layout, GRAM_DISTANCES[kind](), normalize).hardest[off]
+
+    assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("classes", [(0,), (3, 3, 3), (0, 1, 2, 3), (0, 1, 1, 1, 1, 1), (5, 5, 2)])
+@pytest.mark.parametrize("name", ["TripletMarginLoss", "ContrastiveLoss", "NPairsLoss", "MultiSimilarityLoss"])
+def test_degenerate_batches_give_the_blocked_result(search, classes, name):
+    """One sample, one class, all singletons, one large class with a singleton: the wrapped loss
+    is finite, connected to the graph, and equal to the blocked search's."""
+    x, y = batch(classes, seed=3)
+    values, grads = [], []
+    for path in ("blocked", "groups"):
+        search(path)
+        xx = x.clone().requires_grad_(True)
+        loss = EmbeddingExpansionLoss(getattr(losses, name)(), n_points=2)(xx, y)
+        assert torch.isfinite(loss) and loss.requires_grad
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(xx.grad)
+    assert torch.allclose(values[0], values[1], atol=1e-12)
+    assert torch.allclose(grads[0], grads[1], atol=1e-12)
+
+
+def test_a_class_alone_in_its_group_pairs_its_first_point_with_itself(search):
+    search("groups")
+    x, y = batch(BATCHES["long_tailed"], seed=4)
+    layout, hp = hardest(x, y, distances.LpDistance(), 2, "all", True)
+    groups = F.class_groups(layout)
+    alone = groups.alone.nonzero().flatten()
+    assert alone.numel() > 0
+    first = layout.first_index[alone]  # the class's first original
+    assert torch.equal(hp.rows[alone, alone], first) and torch.equal(hp.cols[alone, alone], first)
+    assert torch.isfinite(hp.best).all() and torch.isfinite(hp.hardest).all()
+
+
+@pytest.mark.parametrize("kind", ["l2", "l2raw", "cos"])
+def test_grouped_search_in_memory_chunks_is_the_same(search, monkeypatch, kind):
+    search("groups")
+    x, y = batch(BATCHES["long_tailed"], seed=5)
+    results = []
+    for entries in (1 << 22, 1):  # one chunk; one class per chunk
+        monkeypatch.setattr(G, "_SEARCH_CHUNK_ENTRIES", entries)
+        _, hp = hardest(x, y, GRAM_DISTANCES[kind](), 2, "all", True)
+        results.append((hp.rows, hp.cols, hp.hardest.detach(), hp.best))
+    for u, v in zip(*results):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("name", ["TripletMarginLoss", "ContrastiveLoss", "NPairsLoss", "MultiSimilarityLoss",
+                                  "LiftedStructureLoss"])
+def test_wrapped_loss_on_a_long_tailed_batch_matches_brute_force(search, name):
+    search("groups")
+    x, y = batch(BATCHES["long_tailed"], seed=6)
+    loss = EmbeddingExpansionLoss(getattr(losses, name)(), n_points=2)
+    kind = "l2" if isinstance(loss.loss.distance, distances.LpDistance) else "cos"  # N-pair: normalised dot
+    want = ref.loss_from_matrix(name, ref.hardened_matrix(x, y, 2, True, "all", kind), y)
+    assert loss(x, y).item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def _layout(y, n=2, pairs="all"):
+    return F.batch_layout(torch.as_tensor(y), n, pairs)
+
+
+def test_cost_model_keeps_the_blocked_search_for_balanced_batches_and_groups_unequal_ones():
+    balanced = torch.arange(32).repeat_interleave(4)
+    assert not G.use_groups(_layout(balanced))
+    assert not G.use_groups(_layout(balanced[torch.randperm(128, generator=torch.Generator().manual_seed(0))]))
+    g = torch.Generator().manual_seed(0)
+    zipf = torch.multinomial(1 / torch.arange(1, 61, dtype=torch.float64), 128, replacement=True, generator=g)
+    assert G.use_groups(_layout(zipf))
+    assert G.use_groups(_layout(torch.randint(0, 40, (128,), generator=g)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouped_search_cost_follows_the_expanded_set(monkeypatch, seed):
+    """Stage-1 entries: with a group per class size, pairs of points in different groups once and
+    pairs inside a group of several classes in both orders, at most (M² + Σ_g M_g²) / 2 ≤ M²
+    (M_g: the group's points); with the default group cost at most M² plus that cost per group
+    saved. On a long-tailed batch a small fraction of the blocked search's padded box (C·K_max)²."""
+    g = torch.Generator().manual_seed(seed)
+    zipf = torch.multinomial(1 / torch.arange(1, 61, dtype=torch.float64), 128, replacement=True, generator=g)
+    for y in (zipf, torch.randint(0, 40, (128,), generator=g), torch.randint(0, 100, (128,), generator=g)):
+        for group_cost in (0, G._GROUP_COST):
+            monkeypatch.setattr(G, "_GROUP_COST", group_cost)
+            E._LAYOUT_CACHE.clear()
+            layout = _layout(y)
+            sizes = layout.class_sizes
+            m, distinct = int(sizes.sum()), sizes.unique().numel()
+            groups = F.class_groups(layout)
+            entries = groups.entries()
+            if group_cost == 0:
+                assert len(groups.groups) == distinct
+                per_group = [int(sizes[g.classes].sum()) for g in groups.groups]
+                assert entries <= (m * m + sum(p * p for p in per_group)) / 2 <= m * m
+            else:
+                assert entries <= m * m + (distinct - len(groups.groups)) * group_cost
+            if y is zipf:
+                assert entries < (layout.num_classes * int(sizes.max())) ** 2 / 100
+    E._LAYOUT_CACHE.clear()
+
+
+def test_groups_partition_the_classes_and_slots_hold_each_class_points():
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 5, 5])
+    layout = _layout(y)
+    groups = F.class_groups(layout)
+    seen = torch.cat([g.classes for g in groups.groups]).sort().values
+    assert torch.equal(seen, torch.arange(layout.num_classes))
+    ex = layout.expanded
+    point_class = layout.classes[ex.first]
+    for g in groups.groups:
+        members = groups.order[g.slots]  # expanded-set indices
+        for c, row in zip(g.classes.tolist(), members):
+            assert set(row.tolist()) == set((point_class == c).nonzero().flatten().tolist())
