@@ -224,3 +224,19 @@ def test_finetune_mode_trains_the_tail(tmp_path):
 
     harness.train_step(tail, head, loss_fn, miner, is_hdml, opt, x, y)
     assert not torch.equal(tail.conv_head.weight, before)
+
+
+@pytest.mark.parametrize("name, path, mode", [("fontglyphs", "data/fontglyphs/fontglyphs96.npz", "L"),
+                                              ("iconthemes", "data/iconthemes/iconthemes.npz", "RGB")])
+def test_shipped_image_data_feed_the_trunk(name, path, mode):
+    """The regime reads both shipped image sets: PIL images of the stored size, the files' labels
+    and their class-disjoint split."""
+    get, labels, is_test, data_id = regime.image_data({"name": "x", "data": {"name": name, "path": path}})
+    z = np.load(path)
+    assert get(0).mode == mode and get(0).size == z["images"].shape[2:0:-1]
+    assert np.asarray(get(len(labels) - 1)).shape[:2] == z["images"].shape[1:3]
+    assert set(labels[is_test]) == set(z["test_classes"].tolist())
+    assert not set(labels[is_test]) & set(labels[~is_test])
+    assert data_id.startswith(name + ":")
+    with pytest.raises(SystemExit, match="not found"):
+        regime.image_data({"name": "x", "data": {"name": name, "path": "missing.npz", "how_to_build": "build it"}})
