@@ -309,19 +309,27 @@ def train_step(trunk, head, loss_fn, miner, is_hdml: bool, optimizer, x: torch.T
     return loss
 
 
+def start_run(cfg: Dict[str, Any], loss_name: str, seed: int, result_path: str, hp: Optional[Dict[str, Any]]):
+    """(finished result or None, the run's hyper-parameters: config defaults + ``hp``); seeds
+    torch, NumPy and Python for a run that has to be trained."""
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f), hp
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return None, dict(cfg.get("defaults", {}).get(loss_name, {}), **(hp or {}))
+
+
 def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_dir: str,
                hp: Optional[Dict[str, Any]] = None, split: str = "test", progress: bool = True,
                stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
     """Train and evaluate one cell; resumes from ``run_dir/checkpoint.pt``; returns the result."""
     result_path = os.path.join(run_dir, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
+    done, hp = start_run(cfg, loss_name, seed, result_path, hp)
+    if done is not None:
+        return done
     tcfg = cfg["train"]
-    hp = dict(cfg.get("defaults", {}).get(loss_name, {}), **(hp or {}))
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
     if "threads" in tcfg:
         torch.set_num_threads(tcfg["threads"])
     device = tcfg.get("device", "cuda" if torch.cuda.is_available() else "cpu")

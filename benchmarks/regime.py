@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import resource
 import sys
 import time
@@ -196,14 +195,10 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
               run_dir: str, hp: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
     """Train one cell past its best point; report the validation-best checkpoint's test metrics."""
     result_path = os.path.join(run_dir, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
+    done, hp = harness.start_run(cfg, loss_name, seed, result_path, hp)
+    if done is not None:
+        return done
     tcfg = cfg["train"]
-    hp = dict(cfg.get("defaults", {}).get(loss_name, {}), **(hp or {}))
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
     fs = fsets["maps" if cfg["mode"] == "finetune" else "pooled"]
     inputs = fs.features
     parts = splits(fs, cfg.get("val_seed", 0))

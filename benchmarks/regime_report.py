@@ -22,14 +22,10 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def mean_ci(values: List[float]) -> Tuple[float, float]:
     """Mean and the half-width of its 95% confidence interval (Student t; nan for one value)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = sum(values) / n
-    if n == 1:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+    from .report import mean_se
+
+    m, se = mean_se(values)
+    return m, (se if math.isnan(se) else T95.get(len(values) - 1, 1.96) * se)
 
 
 def fmt(m: float, ci: float, scale: float = 100.0) -> str:
