@@ -40,7 +40,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -743,7 +742,7 @@ def write_report(path: str, args, meta, stats, kept, labels, themes, files_used,
            "2. **One file per (theme, name)**: the directory nearest to 64 px (|log2(size/64)|; a scalable",
            "   directory counts as 64 px when 64 is inside [MinSize, MaxSize]); ties: the larger size, then a",
            "   fixed-size directory, then the path.",
-           f"3. **Aliases merged (union-find)**: two names are one concept when one theme has them as the same file",
+           "3. **Aliases merged (union-find)**: two names are one concept when one theme has them as the same file",
            f"   (symlink, resolved) or byte-identical files, at any size, in >= {args.alias_min_themes} themes"
            " and in >= "
            f"{args.alias_min_frac:.0%} of the themes that have both names.  {stats['n_pairs']} name pairs share a file "
@@ -751,7 +750,7 @@ def write_report(path: str, args, meta, stats, kept, labels, themes, files_used,
            "   The literal rule (merge on a single shared file) was measured first: generic fall-back files",
            "   (e.g. Numix's `application-archive.svg` for 91 names) chain unrelated names into one component",
            "   of 4,761 names (edit-copy, folder-music, input-keyboard, ... together), so it is not used.",
-           f"4. **Shared files that stay ambiguous are dropped**: where a theme still uses one file for names of",
+           "4. **Shared files that stay ambiguous are dropped**: where a theme still uses one file for names of",
            f"   two concepts, only the concept of the file's own name (the symlink target) keeps it: "
            f"{stats['n_dropped']} (theme, name) entries dropped.  So no file is an image of two concepts.",
            "5. **One image per (theme, concept)**: the file of the member name drawn by most themes.",
