@@ -69,18 +69,24 @@ def googlenet_trunk(weights_path: Optional[str] = None) -> Tuple[nn.Module, int]
     return model, 1024
 
 
-def _load_strict(model: nn.Module, state: dict, source: str) -> None:
-    """load_state_dict that refuses a file whose keys are not exactly the model's: a wrong
-    weights file would otherwise leave layers at their random initialisation."""
+def key_mismatch(model: nn.Module, state: dict, source: str, what: str) -> Optional[str]:
+    """None when ``state`` has exactly the model's keys, else a message naming the missing and the
+    unexpected ones: a wrong weights file must not leave layers at their random initialisation."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match torchvision's GoogLeNet: {len(missing)} missing keys "
+    if not (missing or unexpected):
+        return None
+    return (f"{source} does not match {what}: {len(missing)} missing keys "
             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, {len(unexpected)} unexpected keys "
-            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+def _load_strict(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict that refuses a file whose keys are not exactly GoogLeNet's."""
+    problem = key_mismatch(model, state, source, "torchvision's GoogLeNet")
+    if problem:
+        raise ValueError(problem)
     model.load_state_dict(state, strict=True)  # shape mismatches raise here, naming the key
 
 

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import key_mismatch
+
 __all__ = ["LITE_WEIGHTS", "load_efficientnet_lite", "LiteBody", "LiteTail", "split_trunk", "FeatureSet",
            "save_features", "load_features", "image_transforms", "extract", "cached_features", "pooled_features"]
 
@@ -79,20 +81,11 @@ def load_efficientnet_lite(name: str = "efficientnet-lite0", image_size: Optiona
     model = EfficientNet.from_name(name, **kwargs)
     path = weights_path or weights_file(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = _key_mismatch(model.state_dict(), state)
-    if missing or unexpected:
-        raise RuntimeError(f"{path} does not match {name}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                           f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
-                           f"({len(missing)} missing, {len(unexpected)} unexpected)")
-    model.load_state_dict(state, strict=True)
+    problem = key_mismatch(model, state, path, name)
+    if problem:
+        raise RuntimeError(problem)
+    model.load_state_dict(state, strict=True)  # shape mismatches raise here, naming the key
     return model.eval()
-
-
-def _key_mismatch(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor]):
-    missing = sorted(k for k in expected if k not in got)
-    unexpected = sorted(k for k in got if k not in expected)
-    shapes = sorted(k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape))
-    return missing + [f"{k} (shape)" for k in shapes], unexpected
 
 
 class LiteBody(nn.Module):
@@ -155,7 +148,9 @@ class FeatureSet:
         if train_cls & test_cls:
             raise ValueError(f"the split is not class-disjoint: classes {sorted(train_cls & test_cls)[:5]} "
                              "have samples on both sides")
-        if not torch.isfinite(self.features.float().sum()):
+        # chunked: one float copy of a whole cache (GBs) only to test finiteness is wasteful
+        step = max(1, (1 << 24) // max(1, self.features[0].numel()))
+        if not all(torch.isfinite(self.features[i:i + step]).all() for i in range(0, n, step)):
             raise ValueError("features contain NaN or inf")
 
     @property
@@ -269,23 +264,26 @@ def cached_features(cache_dir: str, data_id: str, get_image: Callable[[int], Any
                "tail_blocks": tail_blocks, "augment": augment, "seed": seed, "dtype": str(dtype), "format": 1}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
     paths = {k: os.path.join(cache_dir, f"{k}-{key}.npz") for k in ("maps", "pooled")}
-    model = load_efficientnet_lite(name, size, wpath)
-    body, tail = split_trunk(model, tail_blocks)
     meta = dict(key_src, key=key, mean=IMAGENET_MEAN, std=IMAGENET_STD, tail=f"last {tail_blocks} MBConv block(s) "
                 "+ head conv + BN + ReLU6 + average pool")
-    if not os.path.exists(paths["maps"]):
+    if os.path.exists(paths["maps"]) and os.path.exists(paths["pooled"]):  # the trunk is not needed
+        return {k: load_features(p) for k, p in paths.items()}
+    body, tail = split_trunk(load_efficientnet_lite(name, size, wpath), tail_blocks)
+    if os.path.exists(paths["maps"]):
+        fs_maps = load_features(paths["maps"])
+    else:
         t0 = time.perf_counter()
         log(f"extracting {name} body maps: {len(labels)} images, {views} views for training classes, "
             f"{size}x{size} (one time; cached as {paths['maps']})")
         maps = extract(body, get_image, len(labels), ~np.asarray(is_test, bool), views, size, augment, seed,
                        progress=progress, dtype=dtype)
-        save_features(paths["maps"], FeatureSet(maps, labels, is_test, dict(meta, level="maps",
-                                                                            seconds=time.perf_counter() - t0)))
-    fs_maps = load_features(paths["maps"])
-    if not os.path.exists(paths["pooled"]):
-        pooled = pooled_features(tail, fs_maps.features)
-        save_features(paths["pooled"], FeatureSet(pooled, fs_maps.labels, fs_maps.is_test, dict(meta, level="pooled")))
-    return {"maps": fs_maps, "pooled": load_features(paths["pooled"])}
+        fs_maps = FeatureSet(maps, np.asarray(labels, np.int64), np.asarray(is_test, bool),
+                             dict(meta, level="maps", seconds=time.perf_counter() - t0))
+        save_features(paths["maps"], fs_maps)
+    fs_pooled = FeatureSet(pooled_features(tail, fs_maps.features), fs_maps.labels, fs_maps.is_test,
+                           dict(meta, level="pooled"))
+    save_features(paths["pooled"], fs_pooled)
+    return {"maps": fs_maps, "pooled": fs_pooled}
 
 
 def _bar(total: int, enabled: bool, desc: str):

@@ -32,9 +32,10 @@ import torch
 from pytorch_metric_learning import samplers
 
 from . import harness
-from .pretrained import FeatureSet, cached_features, load_efficientnet_lite, load_features, split_trunk
+from .pretrained import (FeatureSet, _file_digest, cached_features, load_efficientnet_lite, load_features,
+                         split_trunk)
+from .run import grid_points, hp_tag, load_config
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 CURVE_METRIC = "precision_at_1"  # = Recall@1
 FINAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "recall_at_1", "recall_at_2", "recall_at_4",
                  "recall_at_8", "NMI", "F1")
@@ -56,7 +57,7 @@ def image_data(cfg: Dict[str, Any]):
         is_test = np.isin(labels, z["test_classes"])
         mode = "L" if images.ndim == 3 else "RGB"
         return (lambda i: Image.fromarray(images[i], mode)), labels.astype(np.int64), is_test, \
-            f"{data['name']}:{_digest(path)}"
+            f"{data['name']}:{_file_digest(path)}"
     from . import datasets as ds
 
     classes = {"cub": ds.CUB200, "cars": ds.Cars196, "sop": ds.StanfordOnlineProducts,
@@ -73,12 +74,6 @@ def image_data(cfg: Dict[str, Any]):
     is_test = np.r_[np.zeros(len(tr), bool), np.ones(len(te), bool)]
     get = lambda i: tr.load_image(i) if i < len(tr) else te.load_image(i - len(tr))  # noqa: E731
     return get, labels.astype(np.int64), is_test, f"{data['name']}:{os.path.abspath(root)}:{len(labels)}"
-
-
-def _digest(path: str) -> str:
-    from .pretrained import _file_digest
-
-    return _file_digest(path)
 
 
 def feature_sets(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, FeatureSet]:
@@ -265,22 +260,12 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
 
 
 # ----------------------------------------------------------------------------- tune + table
-def hp_tag(hp: Dict[str, Any]) -> str:
-    return "default" if not hp else "_".join(f"{k}={hp[k]}" for k in sorted(hp))
-
-
 def run_path(root: str, cfg, method: str, loss: str, hp: Dict[str, Any], seed: int) -> str:
     return os.path.join(root, cfg["name"], f"{method}-{loss}", hp_tag(hp), f"seed{seed}")
 
 
 def grid(cfg, loss: str) -> List[Dict[str, Any]]:
-    g = cfg.get("tuning", {}).get(loss, {})
-    if not g:
-        return [{}]
-    keys = sorted(g)
-    import itertools
-
-    return [dict(zip(keys, vals)) for vals in itertools.product(*(g[k] for k in keys))]
+    return grid_points(cfg.get("tuning", {}).get(loss, {}))
 
 
 def tune(cfg, fsets, root: str, progress: bool = True) -> Dict[str, Dict[str, Any]]:
@@ -434,12 +419,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     regime_report.write(cfg, collect(cfg, args.root), out, features_alone(cfg, fsets, args.root))
     print(f"whole command: {(time.perf_counter() - t0) / 60:.1f} min; report in {out}/table.md")
     return 0
-
-
-def load_config(name_or_path: str) -> Dict[str, Any]:
-    from .run import load_config as _load
-
-    return _load(name_or_path)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from collections import defaultdict
 from typing import Any, Dict, List, Tuple
 
 from .harness import atomic_write_bytes
+from .report import NAMES, fmt, mean_se
 
 COLUMNS = (("P@1", "precision_at_1"), ("MAP@R", "mean_average_precision_at_r"), ("R@1", "recall_at_1"),
            ("R@2", "recall_at_2"), ("R@4", "recall_at_4"), ("R@8", "recall_at_8"), ("NMI", "NMI"), ("F1", "F1"))
-NAMES = {"triplet": "Triplet", "hphn": "Triplet (HPHN)", "npair": "N-pair", "lifted": "Lifted", "ms": "MS"}
 PREFIX = {"plain": "", "ee": "EE + ", "hdml": "HDML + "}
 # two-sided 95% Student t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -22,16 +22,8 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def mean_ci(values: List[float]) -> Tuple[float, float]:
     """Mean and the half-width of its 95% confidence interval (Student t; nan for one value)."""
-    from .report import mean_se
-
     m, se = mean_se(values)
     return m, (se if math.isnan(se) else T95.get(len(values) - 1, 1.96) * se)
-
-
-def fmt(m: float, ci: float, scale: float = 100.0) -> str:
-    if math.isnan(m):
-        return "—"
-    return f"{m * scale:.1f}" if math.isnan(ci) else f"{m * scale:.1f} ± {ci * scale:.1f}"
 
 
 def paired(a: List[Dict[str, Any]], b: List[Dict[str, Any]], key: str) -> List[float]:

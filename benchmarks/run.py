@@ -48,6 +48,12 @@ def hp_tag(hp: Dict[str, Any]) -> str:
     return "default" if not hp else "_".join(f"{k}={hp[k]}" for k in sorted(hp))
 
 
+def grid_points(grid: Dict[str, List[Any]]) -> List[Dict[str, Any]]:
+    """Every combination of a tuning grid {name: [values]} ([{}] for an empty grid)."""
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
 def run_dir(root: str, cfg, split: str, method: str, loss: str, hp: Dict[str, Any], seed: int) -> str:
     return os.path.join(root, cfg["name"], split, f"{method}-{loss}", hp_tag(hp), f"seed{seed}")
 
@@ -111,14 +117,12 @@ def cmd_tune(args):
     grid_cfg = cfg.get("tuning", {})
     chosen = {}
     for method, loss in cells(cfg):
-        grid = grid_cfg.get(loss, {})
-        keys = sorted(grid)
-        if not keys:  # nothing to choose: the defaults, without spending runs
+        points = grid_points(grid_cfg.get(loss, {}))
+        if points == [{}]:  # nothing to choose: the defaults, without spending runs
             chosen[f"{method}-{loss}"] = {}
             continue
         best = None
-        for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-            hp = dict(zip(keys, values))
+        for hp in points:
             res = run_one(args, cfg, method, loss, grid_cfg.get("seed", 0), hp, "val")
             score = res["metrics"][grid_cfg.get("metric", "recall_at_1")]
             print(f"tune {method}/{loss} {hp_tag(hp)}: {score:.4f}")
