@@ -268,34 +268,74 @@ def grid(cfg, loss: str) -> List[Dict[str, Any]]:
     return grid_points(cfg.get("tuning", {}).get(loss, {}))
 
 
-def tune(cfg, fsets, root: str, progress: bool = True) -> Dict[str, Dict[str, Any]]:
+def _tuning_runs(cfg) -> List[Tuple[str, str, Dict[str, Any], int]]:
+    seed = cfg.get("tuning", {}).get("seed", cfg["seeds"][0])
+    return [(method, loss, hp, seed) for method, loss in cfg["cells"] for hp in grid(cfg, loss)]
+
+
+def run_many(cfg, fsets, root: str, runs, progress: bool = True, jobs: int = 1) -> List[Dict[str, Any]]:
+    """Results of ``runs`` = [(method, loss, hp, seed)], in order. ``jobs`` > 1 trains them in that
+    many worker processes of one thread each (2 single-thread processes give about twice the
+    throughput of one 2-thread process for these small steps). Finished runs are read, not retrained."""
+    todo = [i for i, (m, l, hp, s) in enumerate(runs)
+            if not os.path.exists(os.path.join(run_path(root, cfg, m, l, hp, s), "result.json"))]
+    if jobs <= 1 or len(todo) <= 1:
+        return [train_run(cfg, fsets, m, l, s, run_path(root, cfg, m, l, hp, s), hp, progress) for m, l, hp, s in runs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: a forked child of a process that has run OpenMP can hang
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(cfg,)) as ex:
+        futures = {ex.submit(_worker_run, root, *runs[i]): i for i in todo}
+        try:
+            for f in as_completed(futures):
+                m, l, hp, s = runs[futures[f]]
+                r = f.result()  # re-raises a worker's exception here
+                print(f"  done {m}-{l} {hp_tag(hp)} seed {s}: val R@1 {100 * r['best_val']:.2f} at it "
+                      f"{r['best_iteration']}, {r['train_seconds']:.0f}s", flush=True)
+        except BaseException:
+            ex.shutdown(wait=False, cancel_futures=True)  # fail now, not after the queued runs
+            raise
+    return [train_run(cfg, fsets, m, l, s, run_path(root, cfg, m, l, hp, s), hp, False) for m, l, hp, s in runs]
+
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _worker_init(cfg) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(cfg=cfg, fsets=feature_sets(cfg, progress=False))
+
+
+def _worker_run(root: str, method: str, loss: str, hp: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    cfg = _WORKER["cfg"]
+    return train_run(cfg, _WORKER["fsets"], method, loss, seed, run_path(root, cfg, method, loss, hp, seed), hp,
+                     progress=False)
+
+
+def tune(cfg, fsets, root: str, progress: bool = True, jobs: int = 1) -> Dict[str, Dict[str, Any]]:
     """The grid of the base loss for every cell (same grid for plain / EE / HDML), seed
     ``tuning.seed``, chosen by the best validation R@1 over the run's checkpoints."""
     path = os.path.join(root, cfg["name"], "tuned.json")
-    seed = cfg.get("tuning", {}).get("seed", cfg["seeds"][0])
-    chosen = {}
-    for method, loss in cfg["cells"]:
-        scores = []
-        for hp in grid(cfg, loss):
-            r = train_run(cfg, fsets, method, loss, seed, run_path(root, cfg, method, loss, hp, seed), hp, progress)
-            scores.append((r["best_val"], hp))
-            print(f"tune {method}-{loss} {hp_tag(hp)}: val R@1 {100 * r['best_val']:.2f} at it {r['best_iteration']}",
-                  flush=True)
-        chosen[f"{method}-{loss}"] = max(scores, key=lambda s: s[0])[1]
+    runs = _tuning_runs(cfg)
+    scores: Dict[str, List[Tuple[float, Dict[str, Any]]]] = {}
+    for (method, loss, hp, _), r in zip(runs, run_many(cfg, fsets, root, runs, progress, jobs)):
+        scores.setdefault(f"{method}-{loss}", []).append((r["best_val"], hp))
+        print(f"tune {method}-{loss} {hp_tag(hp)}: val R@1 {100 * r['best_val']:.2f} at it {r['best_iteration']}",
+              flush=True)
+    chosen = {k: max(v, key=lambda s: s[0])[1] for k, v in scores.items()}
     harness.atomic_write_json(path, chosen)
     return chosen
 
 
-def table(cfg, fsets, root: str, progress: bool = True) -> List[Dict[str, Any]]:
-    chosen = tune(cfg, fsets, root, progress)
-    results = []
-    for seed in cfg["seeds"]:
-        for method, loss in cfg["cells"]:
-            hp = chosen[f"{method}-{loss}"]
-            r = train_run(cfg, fsets, method, loss, seed, run_path(root, cfg, method, loss, hp, seed), hp, progress)
-            print(f"{method}-{loss} seed {seed}: test R@1 {100 * r['metrics']['precision_at_1']:.2f} "
-                  f"(best val at it {r['best_iteration']})", flush=True)
-            results.append(r)
+def table(cfg, fsets, root: str, progress: bool = True, jobs: int = 1) -> List[Dict[str, Any]]:
+    chosen = tune(cfg, fsets, root, progress, jobs)
+    runs = [(method, loss, chosen[f"{method}-{loss}"], seed) for seed in cfg["seeds"] for method, loss in cfg["cells"]]
+    results = run_many(cfg, fsets, root, runs, progress, jobs)
+    for (method, loss, _, seed), r in zip(runs, results):
+        print(f"{method}-{loss} seed {seed}: test R@1 {100 * r['metrics']['precision_at_1']:.2f} "
+              f"(best val at it {r['best_iteration']})", flush=True)
     return results
 
 
@@ -378,6 +418,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation seeds")
     ap.add_argument("--root", default="runs")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train runs in this many single-thread worker processes (tune, table)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
@@ -412,9 +454,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         ablation(cfg, fsets, args.root, args.loss, args.seeds, progress)
         return 0
     if args.command == "tune":
-        print(json.dumps(tune(cfg, fsets, args.root, progress), indent=1))
+        print(json.dumps(tune(cfg, fsets, args.root, progress, args.jobs), indent=1))
         return 0
-    table(cfg, fsets, args.root, progress)
+    table(cfg, fsets, args.root, progress, args.jobs)
     out = os.path.join(args.root, cfg["name"])
     regime_report.write(cfg, collect(cfg, args.root), out, features_alone(cfg, fsets, args.root))
     print(f"whole command: {(time.perf_counter() - t0) / 60:.1f} min; report in {out}/table.md")

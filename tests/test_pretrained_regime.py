@@ -1,5 +1,6 @@
 """The pretrained-trunk regime: strict weights, the trunk cut, the feature cache, the split and
 the validation-chosen checkpoint (benchmarks/pretrained.py, benchmarks/regime.py)."""
+import glob
 import json
 import os
 
@@ -204,6 +205,28 @@ def test_table_cli_on_a_user_feature_file(tmp_path):
     # every grid point ran with the tuning seed for each of the three methods
     for m in ("plain", "ee", "hdml"):
         assert len(os.listdir(out / f"{m}-triplet")) == 2
+
+
+def test_table_in_worker_processes_equals_the_table_in_one_process(tmp_path):
+    """--jobs 2 trains the runs in spawned single-thread workers: same runs, same numbers."""
+    fs = _feature_set()
+    pretrained.save_features(str(tmp_path / "feats.npz"), fs)
+    cfg = _tiny_cfg(iterations=10)
+    cfg["cells"] = [["plain", "triplet"], ["ee", "triplet"]]
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(json.dumps(cfg))
+    results = {}
+    for jobs in (1, 2):
+        root = tmp_path / f"runs{jobs}"
+        regime.main(["table", "--config", str(cfg_path), "--features", str(tmp_path / "feats.npz"),
+                     "--root", str(root), "--no-progress", "--threads", "1", "--jobs", str(jobs)])
+        results[jobs] = {os.path.relpath(p, root): json.loads(open(p).read())
+                         for p in glob.glob(str(root / "tiny" / "*" / "*" / "seed*" / "result.json"))}
+    assert len(results[1]) == 2 * 2 + 2  # 2 cells x (2 grid points + 1 more seed)
+    assert results[1].keys() == results[2].keys()
+    for k, r in results[1].items():
+        assert results[2][k]["metrics"] == pytest.approx(r["metrics"], abs=1e-6), k
+        assert results[2][k]["curve"] == r["curve"], k
 
 
 def test_finetune_mode_trains_the_tail(tmp_path):
