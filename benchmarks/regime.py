@@ -85,12 +85,21 @@ def feature_sets(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Featur
                            progress=progress)
 
 
-def splits(fs: FeatureSet, val_seed: int) -> Dict[str, np.ndarray]:
+def splits(fs: FeatureSet, val_seed: int, train_classes: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Indices of train (train classes minus validation), val (a seeded quarter of the train
-    classes) and test samples."""
+    classes) and test samples. ``train_classes``: train on a seeded subset of that many of the
+    remaining classes (a small training set, as CUB's 100 classes are); val and test are unchanged."""
     train_idx = np.nonzero(~fs.is_test)[0]
     is_val = harness.validation_mask(fs.labels[train_idx], val_seed)
-    return {"train": train_idx[~is_val], "val": train_idx[is_val], "test": np.nonzero(fs.is_test)[0]}
+    train = train_idx[~is_val]
+    if train_classes is not None:
+        classes = np.unique(fs.labels[train])
+        if not 2 <= train_classes <= len(classes):
+            raise ValueError(f"train_classes must be in [2, {len(classes)}] (the training classes left after "
+                             f"the validation split), got {train_classes}")
+        keep = np.random.RandomState(val_seed + 1).choice(classes, size=train_classes, replace=False)
+        train = train[np.isin(fs.labels[train], keep)]
+    return {"train": train, "val": train_idx[is_val], "test": np.nonzero(fs.is_test)[0]}
 
 
 def curve_probes(fs: FeatureSet, parts: Dict[str, np.ndarray], seed: int) -> Dict[str, np.ndarray]:
@@ -196,7 +205,7 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
     tcfg = cfg["train"]
     fs = fsets["maps" if cfg["mode"] == "finetune" else "pooled"]
     inputs = fs.features
-    parts = splits(fs, cfg.get("val_seed", 0))
+    parts = splits(fs, cfg.get("val_seed", 0), tcfg.get("train_classes"))
     tr_idx = parts["train"]
     classes, tr_y = np.unique(fs.labels[tr_idx], return_inverse=True)
     trunk, head, loss_fn, miner, is_hdml, optimizer = build_run(cfg, fsets, method, loss_name, hp, len(classes))
@@ -227,7 +236,7 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
         eval_seconds += time.perf_counter() - t0
 
     checkpoint(0)
-    loss_log = []
+    loss_log, step_log = [], []
     for it in range(iters):
         t0 = time.perf_counter()
         idx = torch.as_tensor(tr_idx[order[it]])
@@ -237,7 +246,8 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{method}/{loss_name} seed {seed}: loss is {float(loss)} at iteration {it + 1}")
         loss_log.append(float(loss.detach()))
-        train_seconds += time.perf_counter() - t0
+        step_log.append(time.perf_counter() - t0)
+        train_seconds += step_log[-1]
         bar.update(1)
         if (it + 1) % every == 0 or it + 1 == iters:
             checkpoint(it + 1)
@@ -252,6 +262,7 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
         "hyper_parameters": hp, "metrics": test, "best_iteration": best["iteration"], "best_val": best["val"],
         "curve": curve, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "loss_per_eval": [float(np.mean(loss_log[i:i + every])) for i in range(0, len(loss_log), every)],
+        "step_ms_per_eval": [1000 * float(np.mean(step_log[i:i + every])) for i in range(0, len(step_log), every)],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
