@@ -402,17 +402,30 @@ def train_cell(cfg: Dict[str, Any], method: str, loss_name: str, seed: int, run_
     return result
 
 
+# per-epoch means in a cell's log: EE's selection ratio and HDML's terms
+LOGGED_STATS = ("synthetic_selection_ratio", "J_m", "J_syn", "J_gen", "J_avg", "metric_weight", "hardness_decay")
+
+
 def _stats(loss_fn) -> Dict[str, float]:
-    """Recorded statistics worth a per-epoch mean (EE selection ratio, HDML terms)."""
-    out = {}
+    """The :data:`LOGGED_STATS` that ``loss_fn`` (or, for names it lacks, its ``miner``) records.
+
+    Both of PML's record lists are read: ``_record_these_stats`` (``is_stat=True``, EE/HPHN with
+    ``collect_stats=True``) and ``_record_these`` (``is_stat=False``, where HDMLLoss keeps its
+    terms). The loss's own value wins over its miner's: a wrapper's internal miner keeps stale
+    zeros (the wrapper records the statistics). 0-d tensors are read as floats."""
+    out: Dict[str, float] = {}
     miner = getattr(loss_fn, "miner", None)
     for obj in (loss_fn, miner):
         if obj is None:
             continue
-        for name in getattr(obj, "_record_these_stats", []):
+        names = list(getattr(obj, "_record_these", [])) + list(getattr(obj, "_record_these_stats", []))
+        for name in names:
+            if name not in LOGGED_STATS or name in out:
+                continue
             v = getattr(obj, name, None)
-            if isinstance(v, (int, float)) and name in ("synthetic_selection_ratio", "J_m", "J_syn", "J_gen",
-                                                         "J_avg", "metric_weight", "hardness_decay"):
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
                 out[name] = float(v)
     return out
 

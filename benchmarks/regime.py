@@ -236,7 +236,9 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
         eval_seconds += time.perf_counter() - t0
 
     checkpoint(0)
-    loss_log, step_log = [], []
+    loss_log: List[float] = []
+    step_log: List[float] = []
+    stats_log: List[Dict[str, float]] = []  # harness._stats per iteration (EE ratio, HDML terms)
     for it in range(iters):
         t0 = time.perf_counter()
         idx = torch.as_tensor(tr_idx[order[it]])
@@ -246,6 +248,7 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{method}/{loss_name} seed {seed}: loss is {float(loss)} at iteration {it + 1}")
         loss_log.append(float(loss.detach()))
+        stats_log.append(harness._stats(loss_fn))
         step_log.append(time.perf_counter() - t0)
         train_seconds += step_log[-1]
         bar.update(1)
@@ -263,11 +266,18 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
         "curve": curve, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "loss_per_eval": [float(np.mean(loss_log[i:i + every])) for i in range(0, len(loss_log), every)],
         "step_ms_per_eval": [1000 * float(np.mean(step_log[i:i + every])) for i in range(0, len(step_log), every)],
+        "stats_per_eval": [_mean_stats(stats_log[i:i + every]) for i in range(0, len(stats_log), every)],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     harness.atomic_write_json(result_path, result)
     return result
+
+
+def _mean_stats(rows: List[Dict[str, float]]) -> Dict[str, float]:
+    """Per-name mean over the iterations that recorded the name (parallel to loss_per_eval)."""
+    names = sorted({k for r in rows for k in r})
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in names}
 
 
 # ----------------------------------------------------------------------------- tune + table

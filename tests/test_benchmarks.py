@@ -172,3 +172,49 @@ def test_perf_steps_runs_every_method_and_reports_memory():
     assert float(rows["plain"][3]) == 1.0  # plain / plain
     if os.path.exists("/proc/self/clear_refs"):
         assert all(len(r) == 8 and float(r[6]) >= 0 for r in rows.values())  # peak MB measured
+
+
+HDML_LOGGED = ("J_m", "J_syn", "J_gen", "J_avg", "metric_weight", "hardness_decay")
+
+
+def test_stats_reads_hdml_terms_after_a_forward():
+    """HDMLLoss records its terms with is_stat=False (``_record_these``); _stats reads them."""
+    hdml, miner, is_hdml = harness.build_method("hdml", "triplet", {"hdml": {"alpha": 0.05}}, 12, 6, 4)
+    assert is_hdml and miner is None
+    x, y = torch.randn(16, 12), torch.arange(4).repeat_interleave(4)
+    hdml(x, y, torch.nn.Linear(12, 6))
+    got = harness._stats(hdml)
+    assert set(got) == set(HDML_LOGGED)
+    assert all(type(v) is float and np.isfinite(v) for v in got.values())
+    for name in HDML_LOGGED:
+        assert got[name] == pytest.approx(float(getattr(hdml, name)), rel=1e-12)
+    assert got["J_gen"] > 0 and 0 < got["metric_weight"] <= 1 and 0 < got["hardness_decay"] <= 1
+
+
+def test_stats_prefers_the_wrappers_record_over_its_miners():
+    """EE records on the wrapper; a given miner with collect_stats keeps its stale zero."""
+    from pytorch_metric_learning import losses as pml_losses
+
+    from pml_ext.losses import EmbeddingExpansionLoss
+    from pml_ext.miners import EmbeddingExpansionMiner
+
+    loss = EmbeddingExpansionLoss(pml_losses.TripletMarginLoss(), miner=EmbeddingExpansionMiner(collect_stats=True),
+                                  collect_stats=True)
+    g = torch.Generator().manual_seed(0)
+    loss(torch.randn(16, 6, generator=g), torch.arange(4).repeat_interleave(4))
+    assert loss.miner.synthetic_selection_ratio == 0 < loss.synthetic_selection_ratio
+    assert harness._stats(loss) == {"synthetic_selection_ratio": pytest.approx(loss.synthetic_selection_ratio)}
+
+
+def test_hdml_and_ee_cells_log_their_statistics_per_epoch(tmp_path):
+    cfg = tiny_quick(epochs=2, iters=2)
+    hdml = harness.train_cell(cfg, "hdml", "triplet", 0, str(tmp_path / "hdml"), progress=False)
+    assert [e["epoch"] for e in hdml["log"]] == [1, 2]
+    for entry in hdml["log"]:
+        assert set(HDML_LOGGED) <= set(entry), entry
+        assert all(np.isfinite(entry[k]) for k in HDML_LOGGED)
+        assert entry["J_gen"] > 0 and 0 < entry["metric_weight"] <= 1 and 0 < entry["hardness_decay"] <= 1
+    ee = harness.train_cell(cfg, "ee", "ms", 0, str(tmp_path / "ee"), progress=False)
+    assert all(0 <= e["synthetic_selection_ratio"] <= 1 for e in ee["log"])
+    plain = harness.train_cell(cfg, "plain", "ms", 0, str(tmp_path / "plain"), progress=False)
+    assert all(set(e) == {"epoch", "loss"} for e in plain["log"])

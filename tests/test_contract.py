@@ -1,4 +1,5 @@
-"""One contract, every public loss/miner: forward, backward, dtypes, distances, degenerate batches."""
+"""One contract, every public loss/miner: forward, backward, dtypes, distances, degenerate batches.
+The trainers' contract is tests/test_contract_trainers.py."""
 import pytest
 import torch
 from pytorch_metric_learning import distances, losses, reducers
@@ -238,3 +239,4 @@ def test_finiteness_check_accepts_the_largest_finite_values(dtype):
     x[3, 7] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         _check_batch(x, torch.arange(64) // 4)
+

@@ -561,3 +561,25 @@ def test_generator_runs_once_per_step_and_routes_its_gradients():
         assert torch.allclose(got, p.grad)
     assert torch.allclose(got_z, z.grad)
     assert torch.autograd.gradcheck(lambda t: _RoutedCall.apply(gen, t, *gen.parameters())[1], (z.detach().requires_grad_(),))
+
+
+def test_reassigned_wrapped_loss_is_checked_and_sets_the_auto_settings():
+    """``hdml.loss = ...`` after construction: tuple_mode="auto" and triplets_per_anchor=None
+    follow the new loss; an unusable loss is refused and leaves the old one in place; explicit
+    settings stay."""
+    hdml = HDMLLoss(losses.TripletMarginLoss(triplets_per_anchor=3), embedding_size=4, feature_size=8, num_classes=3)
+    assert hdml.tuple_mode == "triplet" and hdml.triplets_per_anchor == 3
+    hdml.loss = losses.NPairsLoss()
+    assert hdml.tuple_mode == "npair" and hdml.triplets_per_anchor == "all"
+    assert hdml.recorded_modules["loss"] is hdml.loss
+    npair = hdml.loss
+    with pytest.raises(ValueError, match="cannot wrap PNPLoss"):
+        hdml.loss = losses.PNPLoss()
+    assert hdml.loss is npair and hdml.tuple_mode == "npair"
+    x, y = torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 2, 2])
+    out = hdml(x, y, torch.nn.Linear(8, 4))
+    assert torch.isfinite(out) and hdml.num_synthetic_tuples == 3 * 2  # N-pair: T (T - 1) negatives
+    fixed = HDMLLoss(losses.TripletMarginLoss(), tuple_mode="triplet", triplets_per_anchor=2, embedding_size=4,
+                     feature_size=8, num_classes=3)
+    fixed.loss = losses.NPairsLoss()
+    assert fixed.tuple_mode == "triplet" and fixed.triplets_per_anchor == 2

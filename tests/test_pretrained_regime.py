@@ -186,6 +186,31 @@ def test_reported_checkpoint_is_the_validation_best(tmp_path, method):
     assert again == json.loads((tmp_path / method / "result.json").read_text())
 
 
+@pytest.mark.parametrize("method", ["plain", "ee", "hdml"])
+def test_stats_per_eval_are_the_windows_means(tmp_path, method):
+    """result.json's stats_per_eval runs parallel to loss_per_eval: one dict of means per window."""
+    r = regime.train_run(_tiny_cfg(iterations=12, eval_every=5), {"pooled": _feature_set()}, method, "triplet", 0,
+                         str(tmp_path / method), progress=False)
+    stats = r["stats_per_eval"]
+    assert len(stats) == len(r["loss_per_eval"]) == 3  # windows of 5, 5, 2 iterations
+    if method == "plain":
+        assert stats == [{}, {}, {}]
+        return
+    if method == "ee":
+        assert all(set(s) == {"synthetic_selection_ratio"} and 0 <= s["synthetic_selection_ratio"] <= 1
+                   for s in stats)
+        return
+    terms = {"J_m", "J_syn", "J_gen", "J_avg", "metric_weight", "hardness_decay"}
+    for s, loss in zip(stats, r["loss_per_eval"]):
+        assert set(s) == terms and all(np.isfinite(v) for v in s.values())
+        # J_gen_avg is still the initial 1e6 (block of 64): w is constant, so the window's mean
+        # loss (J_metric = w J_m + (1 - w) J_syn) follows from the logged means
+        w = s["metric_weight"]
+        assert w == pytest.approx(float(np.exp(-1e4 / 1e6)), rel=1e-9)
+        assert loss == pytest.approx(w * s["J_m"] + (1 - w) * s["J_syn"], rel=1e-5)
+        assert s["J_avg"] == 1e6 and s["hardness_decay"] == pytest.approx(float(np.exp(-0.05 / 1e6)), rel=1e-12)
+
+
 def test_table_cli_on_a_user_feature_file(tmp_path):
     """One command: tune (same grid for plain/EE/HDML), seeds, report with CIs, curves."""
     fs = _feature_set()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as tnf
@@ -386,9 +386,9 @@ class HDMLLoss(ModuleWithRecords):
     ):
         super().__init__(**kwargs)
         # ---- validation
-        if not callable(loss) or not isinstance(loss, torch.nn.Module):
-            raise ValueError(f"loss must be a torch.nn.Module loss (e.g. a PML loss), got {type(loss).__name__}")
-        _check_wrapped_loss(loss)
+        # what the loss decides when these are left to it (also on a later ``hdml.loss = ...``)
+        self._tuple_mode_arg, self._triplets_per_anchor_arg = tuple_mode, triplets_per_anchor
+        tuple_mode, triplets_per_anchor = self._loss_settings(loss)
         if on_nonfinite not in self.ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {self.ON_NONFINITE}, got {on_nonfinite!r}")
         if miner is not None and (not callable(miner) or not isinstance(miner, torch.nn.Module)):
@@ -411,10 +411,6 @@ class HDMLLoss(ModuleWithRecords):
             _check_pos_int("max_synthetic_tuples", max_synthetic_tuples)
         if triplets_per_anchor is not None and triplets_per_anchor != "all":
             _check_pos_int("triplets_per_anchor", triplets_per_anchor)
-        if tuple_mode == "auto":
-            tuple_mode = "npair" if isinstance(loss, NPairsLoss) else "triplet"
-        if tuple_mode == "npair" and not (hasattr(loss, "distance") and hasattr(loss, "reducer")):
-            raise ValueError("tuple_mode='npair' needs a PML loss with .distance and .reducer (e.g. NPairsLoss)")
 
         if use_generator:
             if generator is None:
@@ -449,8 +445,6 @@ class HDMLLoss(ModuleWithRecords):
         self.tuple_mode = tuple_mode
         self.synthesize = synthesize
         self.fixed_synthetic_weight = None if synthetic_weight is None else float(synthetic_weight)
-        if triplets_per_anchor is None:
-            triplets_per_anchor = getattr(loss, "triplets_per_anchor", "all")
         self.triplets_per_anchor = triplets_per_anchor
         self.max_synthetic_tuples = max_synthetic_tuples
         self.javg_source = javg_source if javg_source is not None else ("weighted" if use_generator else "raw")
@@ -478,9 +472,29 @@ class HDMLLoss(ModuleWithRecords):
         self.__dict__["recorded_modules"] = {"loss": loss, "miner": miner}
 
     def __setattr__(self, name, value):
+        settings = None
+        if name == "loss" and "recorded_modules" in self.__dict__:  # a new wrapped loss after construction
+            settings = self._loss_settings(value)
         super().__setattr__(name, value)
+        if settings is not None:  # what "auto" / None resolve to follows the new loss
+            self.tuple_mode, self.triplets_per_anchor = settings
         if name in ("loss", "miner") and "recorded_modules" in self.__dict__:
             self.__dict__["recorded_modules"][name] = value
+
+    def _loss_settings(self, loss) -> Tuple[str, Any]:
+        """Checks a wrapped loss; (tuple_mode, triplets_per_anchor) for it: ``tuple_mode="auto"``
+        is "npair" for NPairsLoss, else "triplet"; ``triplets_per_anchor=None`` is the loss's own
+        (or "all")."""
+        if not callable(loss) or not isinstance(loss, torch.nn.Module):
+            raise ValueError(f"loss must be a torch.nn.Module loss (e.g. a PML loss), got {type(loss).__name__}")
+        _check_wrapped_loss(loss)
+        tuple_mode = self._tuple_mode_arg
+        if tuple_mode == "auto":
+            tuple_mode = "npair" if isinstance(loss, NPairsLoss) else "triplet"
+        if tuple_mode == "npair" and not (hasattr(loss, "distance") and hasattr(loss, "reducer")):
+            raise ValueError("tuple_mode='npair' needs a PML loss with .distance and .reducer (e.g. NPairsLoss)")
+        tpa = self._triplets_per_anchor_arg
+        return tuple_mode, (getattr(loss, "triplets_per_anchor", "all") if tpa is None else tpa)
 
     # ---------------------------------------------------------------- public helpers
     @property

@@ -4,9 +4,12 @@ optimizer). The maths is :class:`pml_ext.losses.HDMLLoss`'s: the trainer runs on
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import inspect
+import math
+from typing import Any, Dict, Iterable, Optional
 
 import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.trainers import BaseTrainer
 from pytorch_metric_learning.utils.loss_tracker import LossTracker
 
@@ -20,6 +23,93 @@ OBJECTIVES = ("J_metric", "J_gen", "J_cls")
 DIAGNOSTICS = ("J_m", "J_syn", "J_recon", "J_soft", "J_avg", "J_gen_avg", "metric_weight")
 # the official code's learning rates (Adam): backbone + embedding head, generator, classifier
 OFFICIAL_LRS = {"trunk": 7e-5, "embedder": 7e-5, "generator": 1e-2, "classifier": 1e-3}
+MODEL_KEYS = ("trunk", "embedder", "generator", "classifier")
+LOSS_KEYS = ("metric_loss", "hdml")  # "hdml" is built by the trainer
+SCHEDULER_SUFFIXES = ("_scheduler_by_iteration", "_scheduler_by_epoch", "_scheduler_by_plateau")
+# HDMLLoss arguments the trainer sets itself (its own arguments, models, mining_funcs)
+_OWNED_HDML_ARGS = ("loss", "embedding_size", "feature_size", "num_classes", "generator", "classifier",
+                    "generator_hidden_size", "alpha", "beta", "lambda_", "softmax_factor", "max_synthetic_tuples",
+                    "on_nonfinite", "miner", "use_generator")
+
+
+def _hdml_option_names():
+    names = [n for n in inspect.signature(HDMLLoss.__init__).parameters if n not in ("self", "kwargs")]
+    return tuple(n for n in names if n not in _OWNED_HDML_ARGS) + ("collect_stats",)
+
+
+def _check_keys(what: str, given: Optional[Iterable[str]], allowed: Iterable[str]) -> None:
+    """PML's KeyChecker rule (a key must start with an allowed name), as a ValueError."""
+    allowed = tuple(allowed)
+    for k in given or ():
+        if not isinstance(k, str) or not k.startswith(allowed):
+            raise ValueError(f"{what} key {k!r} is not one this trainer uses; allowed: {', '.join(allowed)}")
+
+
+def _check_pos_int(name: str, value: Any, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_arguments(models, optimizers, batch_size, loss_funcs, kwargs, hdml_options, sizes) -> None:
+    """Every argument error as a ValueError naming the argument, before anything is built."""
+    if not isinstance(models, dict) or "trunk" not in models:
+        raise ValueError('models must be a dict with at least "trunk" (and optionally "embedder", '
+                         '"generator", "classifier")')
+    _check_keys("models", models, MODEL_KEYS)
+    for k, m in models.items():
+        if not isinstance(m, torch.nn.Module):
+            raise ValueError(f"models[{k!r}] must be a torch.nn.Module, got {type(m).__name__}")
+    if not isinstance(loss_funcs, dict) or "metric_loss" not in loss_funcs:
+        raise ValueError('loss_funcs must be a dict with "metric_loss" (a PML tuple loss)')
+    if "hdml" in loss_funcs:
+        raise ValueError('loss_funcs["hdml"] is built by the trainer from loss_funcs["metric_loss"]; pass HDML '
+                         "settings as the trainer's arguments or hdml_options")
+    _check_keys("loss_funcs", loss_funcs, LOSS_KEYS)
+    if not isinstance(loss_funcs["metric_loss"], BaseMetricLossFunction):
+        raise ValueError('loss_funcs["metric_loss"] must be a PML loss (BaseMetricLossFunction: Triplet, N-pair, '
+                         f"Contrastive, MS, ...), got {type(loss_funcs['metric_loss']).__name__}")
+    if optimizers is not None:
+        if not isinstance(optimizers, dict):
+            raise ValueError("optimizers must be a dict of PML-named optimizers (trunk_optimizer, ...) or None")
+        _check_keys("optimizers", optimizers, [f"{k}_optimizer" for k in MODEL_KEYS + LOSS_KEYS])
+        for k, o in optimizers.items():
+            if not (callable(getattr(o, "step", None)) and callable(getattr(o, "zero_grad", None))):
+                raise ValueError(f"optimizers[{k!r}] must be an optimizer (step, zero_grad), got {type(o).__name__}")
+    _check_pos_int("batch_size", batch_size, optional=False)
+    _check_keys("mining_funcs", kwargs.get("mining_funcs"), ("subset_batch_miner", "tuple_miner"))
+    _check_keys("lr_schedulers", kwargs.get("lr_schedulers"),
+                [k + s for s in SCHEDULER_SUFFIXES for k in MODEL_KEYS + LOSS_KEYS])
+    _check_keys("gradient_clippers", kwargs.get("gradient_clippers"),
+                [f"{k}_grad_clipper" for k in MODEL_KEYS + LOSS_KEYS])
+    freeze = kwargs.get("freeze_these", ())
+    if isinstance(freeze, str):
+        raise ValueError(f"freeze_these must be a list or tuple of names, not the string {freeze!r}")
+    for k in freeze:
+        if k not in MODEL_KEYS + LOSS_KEYS:
+            raise ValueError(f"freeze_these entry {k!r} is not one of {', '.join(MODEL_KEYS + LOSS_KEYS)}")
+    weights = kwargs.get("loss_weights")
+    if weights is not None:
+        if not isinstance(weights, dict) or set(weights) != set(OBJECTIVES):
+            raise ValueError(f"loss_weights must give all of {', '.join(OBJECTIVES)} (as PML requires), got "
+                             f"{sorted(weights) if isinstance(weights, dict) else weights!r}")
+        for k, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"loss_weights[{k!r}] must be a finite number, got {w!r}")
+    if hdml_options is not None:
+        if not isinstance(hdml_options, dict):
+            raise ValueError(f"hdml_options must be a dict of HDMLLoss keywords, got {type(hdml_options).__name__}")
+        for k in hdml_options:
+            if k in _OWNED_HDML_ARGS:
+                raise ValueError(f"hdml_options[{k!r}]: set {k} through the trainer (its own argument, models or "
+                                 "mining_funcs), not hdml_options")
+            if k not in _hdml_option_names():
+                raise ValueError(f"hdml_options[{k!r}] is not an HDMLLoss option; options: "
+                                 f"{', '.join(_hdml_option_names())}")
+    for name in ("embedding_size", "feature_size", "num_classes"):
+        _check_pos_int(name, sizes[name])
+    _check_pos_int("generator_hidden_size", sizes["generator_hidden_size"], optional=False)
 
 
 class _TermTracker(LossTracker):
@@ -100,6 +190,13 @@ class HardnessAwareDeepMetricLearning(BaseTrainer):
     ``loss_histories`` (``trainer.losses``, what HookContainer logs) holds J_metric, J_gen,
     J_cls, total_loss and, unweighted, J_m, J_syn, J_recon, J_soft, J_avg, J_gen_avg and
     metric_weight.
+
+    Like PML's trainers, it reads ``models`` and ``loss_funcs`` every iteration: reassigning
+    ``loss_funcs["metric_loss"]`` (``tuple_mode="auto"`` follows the new loss), ``models["generator"]``
+    or ``models["classifier"]`` takes effect at the next step. Argument errors (unknown dict keys,
+    a non-PML ``metric_loss``, sizes that disagree with the embedder, ``hdml_options`` that are not
+    HDMLLoss options or that duplicate the trainer's own arguments) are ValueErrors naming the
+    argument, also under ``python -O`` (PML's own key checks are asserts).
     """
 
     def __init__(
@@ -123,19 +220,13 @@ class HardnessAwareDeepMetricLearning(BaseTrainer):
         hdml_options: Optional[Dict[str, Any]] = None,
         **kwargs,
     ):
-        if not isinstance(models, dict) or "trunk" not in models:
-            raise ValueError('models must be a dict with at least "trunk" (and optionally "embedder", '
-                             '"generator", "classifier")')
-        if not isinstance(loss_funcs, dict) or "metric_loss" not in loss_funcs:
-            raise ValueError('loss_funcs must be a dict with "metric_loss" (a PML tuple loss)')
-        if optimizers is not None and not isinstance(optimizers, dict):
-            raise ValueError("optimizers must be a dict of PML-named optimizers (trunk_optimizer, ...) or None")
+        self._sizes = dict(embedding_size=embedding_size, feature_size=feature_size, num_classes=num_classes,
+                           generator_hidden_size=generator_hidden_size)
+        _check_arguments(models, optimizers, batch_size, loss_funcs, kwargs, hdml_options, self._sizes)
         self._hdml_args = dict(
             hdml_options or {}, alpha=alpha, beta=beta, lambda_=lambda_, softmax_factor=softmax_factor,
             max_synthetic_tuples=max_synthetic_tuples, on_nonfinite=on_nonfinite,
         )
-        self._sizes = dict(embedding_size=embedding_size, feature_size=feature_size, num_classes=num_classes,
-                           generator_hidden_size=generator_hidden_size)
         self._optimizers_given = optimizers is not None
         super().__init__(models, {} if optimizers is None else optimizers, batch_size, loss_funcs, dataset,
                          **kwargs)
@@ -172,7 +263,14 @@ class HardnessAwareDeepMetricLearning(BaseTrainer):
     def _default_sizes(self):
         feat, emb = self._sizes["feature_size"], self._sizes["embedding_size"]
         seen_feat, seen_emb = _sizes_from_embedder(self.models["embedder"])
+        for name, given, seen in (("feature_size", feat, seen_feat), ("embedding_size", emb, seen_emb)):
+            if given is not None and seen is not None and given != seen:
+                raise ValueError(f"{name}={given} but models['embedder'] is {self.models['embedder']} "
+                                 f"({name} {seen}); leave {name} out or make them agree")
         if isinstance(self.models["embedder"], torch.nn.Identity):
+            if feat is not None and emb is not None and feat != emb:
+                raise ValueError(f"feature_size={feat} and embedding_size={emb} differ, but there is no embedder "
+                                 "(the embeddings are the trunk's features)")
             feat = feat if feat is not None else emb
             emb = emb if emb is not None else feat
         feat = feat if feat is not None else seen_feat
@@ -182,6 +280,14 @@ class HardnessAwareDeepMetricLearning(BaseTrainer):
                              "size) and embedding_size (the embedder's); pass them, or models['generator'] "
                              "and models['classifier']")
         return feat, emb
+
+    def verify_dict_keys(self):
+        """PML's schema check, its AssertionErrors as ValueErrors (``__init__`` checked the keys
+        already, also under ``python -O``)."""
+        try:
+            super().verify_dict_keys()
+        except AssertionError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
 
     def modify_schema(self):
         self.schema["models"].keys += ["generator", "classifier"]
@@ -197,13 +303,29 @@ class HardnessAwareDeepMetricLearning(BaseTrainer):
     def calculate_loss(self, curr_batch):
         data, labels = curr_batch
         features = self.get_trunk_output(data)
-        hdml = self.loss_funcs["hdml"]
+        hdml = self._synced_hdml()
         terms = hdml.compute_terms(features, labels, self.get_final_embeddings, routed=True,
                                    miner=self.mining_funcs.get("tuple_miner"))
         for k in OBJECTIVES:
             self.losses[k] = terms[k]
         for k in DIAGNOSTICS:
             self.losses[k] = float(getattr(hdml, k))
+
+    def _synced_hdml(self) -> HDMLLoss:
+        """``loss_funcs["hdml"]`` using the current ``loss_funcs["metric_loss"]``, ``models["generator"]``
+        and ``models["classifier"]``: like PML's trainers, this one reads its dicts every iteration,
+        so reassigning an entry takes effect at the next step (give a new model its optimizer, as
+        in PML)."""
+        hdml = self.loss_funcs["hdml"]
+        current = {"loss": self.loss_funcs["metric_loss"], "generator": self.models["generator"],
+                   "classifier": self.models["classifier"]}
+        for attr, obj in current.items():
+            if getattr(hdml, attr) is not obj:
+                if attr == "loss" and not isinstance(obj, BaseMetricLossFunction):
+                    raise ValueError('loss_funcs["metric_loss"] must be a PML loss (BaseMetricLossFunction), '
+                                     f"got {type(obj).__name__}")
+                setattr(hdml, attr, obj)  # HDMLLoss checks a new loss and re-resolves tuple_mode="auto"
+        return hdml
 
     def step_optimizers(self):
         if self.loss_funcs["hdml"].last_batch_skipped:  # on_nonfinite="skip": no step at all
