@@ -1,7 +1,8 @@
 """The papers' regime on CPU: a pretrained trunk, long schedules, checkpoints chosen on validation.
 
-    python -m benchmarks.regime table --config fontglyphs_pretrained            # frozen trunk
-    python -m benchmarks.regime table --config fontglyphs_pretrained_finetune   # last stage trained
+    python -m benchmarks.regime table --config fontglyphs_pretrained --jobs 2   # frozen trunk, 2 workers
+    python -m benchmarks.regime table --config fontglyphs_pretrained_finetune_100cls  # last stage trained
+                                                                                # on a CUB-sized set
     python -m benchmarks.regime train --config fontglyphs_pretrained --method ee --loss ms --seed 0
     python -m benchmarks.regime report --config fontglyphs_pretrained
     python -m benchmarks.regime table --config my.json --features my_features.npz   # any encoder

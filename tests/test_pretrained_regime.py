@@ -145,6 +145,22 @@ def test_validation_split_is_train_classes_only():
         assert len(parts["train"]) + len(parts["val"]) + len(parts["test"]) == len(fs.labels)
 
 
+def test_a_small_training_set_is_a_seeded_subset_of_the_training_classes():
+    fs = _feature_set(n_train=24)
+    full = regime.splits(fs, 0)
+    small = regime.splits(fs, 0, train_classes=5)
+    assert len(np.unique(fs.labels[small["train"]])) == 5
+    assert set(small["train"]) <= set(full["train"])  # whole classes, every sample of each kept class
+    assert all(np.sum(fs.labels[small["train"]] == c) == 6 for c in np.unique(fs.labels[small["train"]]))
+    for part in ("val", "test"):
+        assert np.array_equal(small[part], full[part])
+    assert np.array_equal(regime.splits(fs, 0, train_classes=5)["train"], small["train"])  # seeded
+    n_left = len(np.unique(fs.labels[full["train"]]))
+    for bad in (1, n_left + 1):
+        with pytest.raises(ValueError, match="train_classes"):
+            regime.splits(fs, 0, train_classes=bad)
+
+
 def _tiny_cfg(mode="frozen", **train):
     return {"name": "tiny", "mode": mode, "val_seed": 0, "model": {"embedding_size": 8, "head": "linear"},
             "train": dict({"lr": 1e-2, "weight_decay": 0.0, "batch_size": 16, "per_class": 4, "iterations": 40,
