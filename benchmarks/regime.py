@@ -442,15 +442,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=1,
                     help="train runs in this many single-thread worker processes (tune, table)")
+    ap.add_argument("--cache-dir", help="where extracted trunk features are cached (default runs/cache)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     cfg = load_config(args.config)
+    if args.cache_dir:
+        cfg["cache_dir"] = args.cache_dir
     if args.features:
         cfg["data"] = {"name": "features", "path": args.features}
         cfg["mode"] = "frozen"
     if args.data_root:
         cfg["data"]["root"] = args.data_root
-    torch.set_num_threads(args.threads or cfg["train"].get("threads", torch.get_num_threads()))
+    threads = args.threads or cfg["train"].get("threads", torch.get_num_threads())
     progress = not args.no_progress
     if args.command == "report":
         path = os.path.join(args.root, cfg["name"], "baseline.json")
@@ -458,7 +463,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         regime_report.write(cfg, collect(cfg, args.root), os.path.join(args.root, cfg["name"]), base)
         return 0
     t0 = time.perf_counter()
+    torch.set_num_threads(max(threads, args.jobs))  # extraction runs before the workers: give it their cores
     fsets = feature_sets(cfg, progress)
+    torch.set_num_threads(threads)
     print(f"features ready in {time.perf_counter() - t0:.0f}s: "
           + ", ".join(f"{k} {tuple(v.features.shape)}" for k, v in fsets.items()), flush=True)
     if args.command == "extract":
