@@ -302,7 +302,11 @@ def run_many(cfg, fsets, root: str, runs, progress: bool = True, jobs: int = 1) 
     todo = [i for i, (m, l, hp, s) in enumerate(runs)
             if not os.path.exists(os.path.join(run_path(root, cfg, m, l, hp, s), "result.json"))]
     if jobs <= 1 or len(todo) <= 1:
-        return [train_run(cfg, fsets, m, l, s, run_path(root, cfg, m, l, hp, s), hp, progress) for m, l, hp, s in runs]
+        out = []
+        for m, l, hp, s in runs:
+            out.append(train_run(cfg, fsets, m, l, s, run_path(root, cfg, m, l, hp, s), hp, progress))
+            _print_done(m, l, hp, s, out[-1])
+        return out
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -313,13 +317,16 @@ def run_many(cfg, fsets, root: str, runs, progress: bool = True, jobs: int = 1) 
         try:
             for f in as_completed(futures):
                 m, l, hp, s = runs[futures[f]]
-                r = f.result()  # re-raises a worker's exception here
-                print(f"  done {m}-{l} {hp_tag(hp)} seed {s}: val R@1 {100 * r['best_val']:.2f} at it "
-                      f"{r['best_iteration']}, {r['train_seconds']:.0f}s", flush=True)
+                _print_done(m, l, hp, s, f.result())  # f.result() re-raises a worker's exception here
         except BaseException:
             ex.shutdown(wait=False, cancel_futures=True)  # fail now, not after the queued runs
             raise
     return [train_run(cfg, fsets, m, l, s, run_path(root, cfg, m, l, hp, s), hp, False) for m, l, hp, s in runs]
+
+
+def _print_done(method: str, loss: str, hp: Dict[str, Any], seed: int, r: Dict[str, Any]) -> None:
+    print(f"  {method}-{loss} {hp_tag(hp)} seed {seed}: val R@1 {100 * r['best_val']:.2f} at it "
+          f"{r['best_iteration']}, train {r['train_seconds']:.0f}s + eval {r['eval_seconds']:.0f}s", flush=True)
 
 
 _WORKER: Dict[str, Any] = {}
