@@ -493,110 +493,11 @@ class _Gram(torch.autograd.Function):
         return (g + g.t()).to(x.dtype) @ x  # differentiable ops: double backward still works
 
 
-def _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean: bool, power):
-    """The selected pairs' values from their inner product r and squared norms n_r, n_c (before
-    EE Eq. 2): s = n^(-1/2) for a normalised synthetic point (1 otherwise), inner = r·s_r·s_c;
-    Euclidean: sqrt(n̂_r + n̂_c − 2·inner) with n̂ = 1 for normalised points; then the power.
-    Returns (value, saved) with ``saved`` what :func:`_pair_chain_backward` needs."""
-    s_r = torch.where(syn_r, _safe_inverse(safe_sqrt(n_r)), torch.ones_like(n_r))
-    s_c = torch.where(syn_c, _safe_inverse(safe_sqrt(n_c)), torch.ones_like(n_c))
-    base = r * s_r * s_c
-    if euclidean:
-        base = safe_sqrt((n_r * s_r * s_r + n_c * s_c * s_c - 2 * base).masked_fill(same, 0))
-    return (base**power if power != 1 else base), (syn_r, syn_c, r, s_r, s_c, base)
-
-
-def _pair_chain_backward(u, syn_r, syn_c, r, s_r, s_c, base, euclidean: bool, power):
-    """Gradients of :func:`_pair_chain`'s value with respect to r, n_r and n_c."""
-    if power != 1:
-        u = u * power * base ** (power - 1)
-    zero = torch.zeros_like(u)
-    if euclidean:
-        u_d2 = u * 0.5 * torch.where(base > 0, 1 / base.clamp_min(torch.finfo(base.dtype).tiny), zero)
-        u_inner = -2 * u_d2
-        u_nr, u_nc = torch.where(syn_r, zero, u_d2), torch.where(syn_c, zero, u_d2)  # n̂ = 1: constant
-    else:
-        u_inner, u_nr, u_nc = u, zero, zero
-    u_r = u_inner * s_r * s_c
-    # d s/d n = -s³/2 (s = 0 for a zero-norm point: no gradient)
-    u_nr = u_nr - torch.where(syn_r, 0.5 * s_r**3 * u_inner * r * s_c, zero)
-    u_nc = u_nc - torch.where(syn_c, 0.5 * s_c**3 * u_inner * r * s_r, zero)
-    return u_r, u_nr, u_nc
-
-
-class _SelectedPairValues(torch.autograd.Function):
-    """The distance of the selected pair of every class pair, from the class-blocked Gram matrix.
-
-    Inputs: ``gs`` [C, k, C, k] Gram blocks; ``wr``/``wc`` [C, C, k] the selected points'
-    weights over their classes' originals (row point in class x, column point in class y);
-    ``syn_r``/``syn_c`` [C, C] whether that point is an L2-normalised synthetic point (EE Eq. 2);
-    ``same`` [C, C] the pair is one point. With r = wrᵀ G_xy wc and n = wᵀ G_xx w, the value is
-    :func:`_pair_chain`. The backward writes the three k x k outer products of each pair into its
-    Gram blocks directly, a fixed handful of batched ops (autograd through the same formula
-    needed ~90 small ops).
-    """
-
-    @staticmethod
-    def forward(ctx, gs, wr, wc, syn_r, syn_c, same, euclidean: bool, power):
-        gsp = gs.permute(0, 2, 1, 3)  # [x, y, i, j]
-        r = (wr.unsqueeze(-2) @ gsp @ wc.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        gcc = torch.diagonal(gs, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k]
-        n_r = (torch.bmm(wr, gcc) * wr).sum(-1)
-        wct = wc.transpose(0, 1)  # [y, x, k]
-        n_c = (torch.bmm(wct, gcc) * wct).sum(-1).t()
-        value, saved = _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean, power)
-        ctx.save_for_backward(wr, wc, *saved)
-        ctx.euclidean, ctx.power = euclidean, power
-        return value
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, u):
-        wr, wc, *saved = ctx.saved_tensors
-        u_r, u_nr, u_nc = _pair_chain_backward(u, *saved, ctx.euclidean, ctx.power)
-        grad = (u_r[..., None, None] * wr[..., :, None] * wc[..., None, :]).permute(0, 2, 1, 3).contiguous()
-        wct = wc.transpose(0, 1)  # [y, x, k]
-        diag = (torch.bmm((wr * u_nr[..., None]).transpose(1, 2), wr)
-                + torch.bmm((wct * u_nc.t()[..., None]).transpose(1, 2), wct))  # [C, k, k]
-        torch.diagonal(grad, dim1=0, dim2=2).add_(diag.permute(1, 2, 0))
-        return grad, None, None, None, None, None, None, None
-
-
 _SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient search block, in entries (1 MB in float32)
-# "auto": the blocked search below or the grouped one (embedding_expansion_groups), whichever the
-# cost model expects cheaper for the label pattern; "blocked" / "groups" force one (tests)
+# "auto": the blocked search (embedding_expansion_blocked) or the grouped one
+# (embedding_expansion_groups), whichever the cost model expects cheaper for the label pattern;
+# "blocked" / "groups" force one (tests)
 _SEARCH = "auto"
-
-
-def _search_class_pairs(block, c: int, kk: int, inverted: bool, valid: Optional[torch.Tensor],
-                        originals: Optional[torch.Tensor]):
-    """Best slot pair of every class pair over a search tensor produced in row-class chunks.
-
-    ``block(lo, hi)`` returns the search values of row classes lo..hi-1 as [h, C, K, K] with the
-    last two dimensions swapped ([x, y, q, p]: slot q of column class y, slot p of row class x).
-    Chunks bound the transient memory to ``_SEARCH_CHUNK_ENTRIES`` (a loop over memory chunks,
-    one iteration for usual batches). Returns (p, q, best, best over originals only or None).
-    """
-    worst = float("-inf") if inverted else float("inf")
-    reduce = torch.max if inverted else torch.min
-    step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, c * kk * kk))
-    ps, qs, bests, orig_bests = [], [], [], []
-    for lo in range(0, c, step):
-        hi = min(c, lo + step)
-        vals = block(lo, hi)
-        if valid is not None:
-            keep = valid[None, :, :, None] & valid[lo:hi, None, None, :]
-            vals = vals.masked_fill(~keep, worst)
-        best, flat = reduce(vals.reshape(hi - lo, c, kk * kk), dim=2)
-        ps.append(flat % kk)
-        qs.append(torch.div(flat, kk, rounding_mode="floor"))
-        bests.append(best)
-        if originals is not None:
-            keep = originals[None, :, :, None] & originals[lo:hi, None, None, :]
-            orig_bests.append(reduce(vals.masked_fill(~keep, worst).reshape(hi - lo, c, kk * kk), dim=2).values)
-        del vals  # before the next chunk is made
-    return (torch.cat(ps), torch.cat(qs), torch.cat(bests),
-            torch.cat(orig_bests) if originals is not None else None)
 
 
 def hardest_negative_pairs(
@@ -619,89 +520,24 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
                                      normalize: bool = True, originals_best: bool = False) -> HardestPairs:
     """EE's hard negative pair mining (§3.2) on a :class:`BatchLayout`.
 
-    The search runs without autograd. Every synthetic point is a combination of its own class's
-    originals, so the inner products between the expanded sets of classes x and y are
-    ``W_x G_xy W_yᵀ`` with W [K, k] per class: two batched products with inner dimension k
-    (points per class), not B, then one min/max per class pair over a [C, C, K·K] view. The
-    gradient flows only through the C² selected pairs, recomputed from the Gram matrix (one
-    B x B x d product serves the search, the selected values and the batch's own matrix). When
-    every point is on the unit sphere (L2-normalising Lp distance, ``normalize=True``), the
-    Euclidean distance decreases with the inner product, so the search runs on the inner
-    products themselves (``search_inverted=True``) without square roots. ``originals_best``
-    also returns the best value per class pair over originals only (the miner's statistics).
+    The search runs without autograd, by the blocked search
+    (:func:`~pml_ext.functional.embedding_expansion_blocked.hardest_in_blocks`) or the grouped
+    one (:func:`~pml_ext.functional.hardest_negative_pairs_in_groups`), whichever the cost model
+    (:func:`~pml_ext.functional.use_groups`) expects cheaper for the label pattern; any distance
+    that is not an inner-product one searches its explicit [M, M] matrix. The gradient flows only
+    through the C² selected pairs, recomputed from the Gram matrix. ``originals_best`` also
+    returns the best value per class pair over originals only (the miner's statistics).
     """
+    from . import embedding_expansion_blocked as blocked
+
     kind = gram_kind(distance)
     if kind is None:
-        return _hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
+        return blocked.hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
     from .embedding_expansion_groups import hardest_negative_pairs_in_groups, use_groups
 
     if _SEARCH == "groups" or (_SEARCH == "auto" and use_groups(layout)):
         return hardest_negative_pairs_in_groups(embeddings, layout, distance, kind, normalize, originals_best)
-    slots = layout.slots
-    c, kk, k = layout.weights.shape
-    x = distance.maybe_normalize(embeddings)
-    gram = _Gram.apply(x)
-    gs = gram.index_select(0, layout.originals).index_select(1, layout.originals).view(c, k, c, k)
-    w = layout.weights.to(gram.dtype)
-    normalizing = normalize and layout.has_synthetic
-    with torch.no_grad():
-        gs_d = gs.detach()
-        gcc = torch.diagonal(gs_d, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k] within-class blocks
-        sq = ((w @ gcc) * w).sum(-1)  # [C, K] squared norms before EE Eq. 2
-        wn = w
-        if normalizing:
-            scale = torch.where(layout.synthetic_slot, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
-            wn, sq = w * scale[..., None], sq * scale * scale
-        # t[a, (b, s), j] = Σ_i wn[b, s, i] G[b, i, a, j]: slot s of class b against original j of a
-        t = torch.bmm(wn, gs_d.reshape(c, k, c * k)).view(c * kk, c, k).transpose(0, 1)
-        wnt = wn.transpose(1, 2)  # [a, j, u]
-        valid = layout.valid_slot
-        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
-                     and bool(((sq > 0.5) if valid is None else ((sq > 0.5) | ~valid)).all()))
-        inverted = True if on_sphere else distance.is_inverted
-
-        def block(lo, hi):
-            # r[a, b, s, u] = <slot s of class b, slot u of class a>: row class a, column class b,
-            # column slot s, row slot u, the [x, y, q, p] layout _search_class_pairs reads
-            r = torch.bmm(t[lo:hi], wnt[lo:hi]).view(hi - lo, c, kk, kk)
-            if on_sphere:
-                return r
-            if kind == "euclidean":
-                r = safe_sqrt(sq[None, :, :, None] + sq[lo:hi, None, None, :] - 2 * r)
-            return r**distance.power if distance.power != 1 else r
-
-        p_slot, q_slot, best, best_orig = _search_class_pairs(
-            block, c, kk, inverted, valid, layout.original_slot if originals_best else None)
-        ri, ci = layout.row_base + p_slot, layout.col_base + q_slot  # [C, C] flat slot indices
-        wr, wc = w.view(c * kk, k)[ri], w.view(c * kk, k)[ci]  # [C, C, k]
-        if normalizing:
-            syn = layout.synthetic_slot.view(-1)
-            syn_r, syn_c = syn[ri], syn[ci]
-        else:
-            syn_r = syn_c = torch.zeros_like(p_slot, dtype=torch.bool)
-        same_point = layout.class_eye & (p_slot == q_slot)
-    hardest = _SelectedPairValues.apply(gs, wr, wc, syn_r, syn_c, same_point, kind == "euclidean",
-                                        distance.power)
-    flat_slots = slots.view(-1)
-    return HardestPairs(hardest, flat_slots[ri], flat_slots[ci], best, best_orig, inverted, slots,
-                        _mat_from_gram(gram, kind, distance.power))
-
-
-def _hardest_from_full_matrix(embeddings, layout: BatchLayout, distance, normalize, originals_best=False
-                              ) -> HardestPairs:
-    """Any other distance: its full [M, M] matrix over the explicit expanded set."""
-    ex, slots, b = layout.expanded, layout.slots, layout.expanded.num_originals
-    c, kk = slots.shape
-    mat = expanded_distance_matrix(embeddings, ex, distance, normalize)
-    with torch.no_grad():
-        search = _in_slot_order(mat.detach(), slots).view(c, kk, c, kk).permute(0, 2, 3, 1)  # [x, y, q, p]
-        inverted = distance.is_inverted
-        p_slot, q_slot, best, best_orig = _search_class_pairs(
-            lambda lo, hi: search[lo:hi], c, kk, inverted, layout.valid_slot,
-            layout.original_slot if originals_best else None)
-        flat_slots = slots.view(-1)
-        rows, cols = flat_slots[layout.row_base + p_slot], flat_slots[layout.col_base + q_slot]
-    return HardestPairs(mat[rows, cols], rows, cols, best, best_orig, inverted, slots, mat[:b, :b])
+    return blocked.hardest_in_blocks(embeddings, layout, distance, kind, normalize, originals_best)
 
 
 def hardened_pair_matrix(

@@ -22,7 +22,8 @@ k + n·k(k−1)/2 points, so one large class sets K for all. Here the cost follo
 
 :func:`use_groups` chooses between the two searches per batch from the label pattern alone (a
 cost model of both searches' entries and fixed work). The gradient flows only through the C²
-selected pairs, from the endpoints of their points (:class:`_SelectedEndpointValues`).
+selected pairs, from the endpoints of their points
+(:func:`~pml_ext.functional.embedding_expansion_pairs.selected_pair_values`).
 """
 from __future__ import annotations
 
@@ -32,16 +33,8 @@ import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import (
-    HardestPairs,
-    _Gram,
-    _mat_from_gram,
-    _pair_chain,
-    _pair_chain_backward,
-    _safe_inverse,
-    _sq_norms,
-    safe_sqrt,
-)
+from .embedding_expansion import HardestPairs, _Gram, _mat_from_gram, _safe_inverse, _sq_norms, safe_sqrt
+from .embedding_expansion_pairs import selected_pair_values
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
 
@@ -227,45 +220,6 @@ def _choose(layout) -> bool:
     return groups.entries() + _GROUP_COST * len(groups.groups) + _GROUPED_FIXED_COST < blocked
 
 
-class _SelectedEndpointValues(torch.autograd.Function):
-    """The distance of selected expanded-point pairs from the originals' Gram matrix.
-
-    ``ends`` [4, ...]: the row point's two originals, then the column point's; ``weights`` [4, ...]
-    their weights (EE Eq. 1, before Eq. 2's scaling); ``syn_r``/``syn_c``: the point is an
-    L2-normalised synthetic point; ``same``: the pair is one point. With r the pair's inner
-    product and n each point's squared norm (a few Gram entries each), the value is
-    ``_pair_chain``; the backward adds the ten weighted Gram entries' gradients in one index_put.
-    """
-
-    @staticmethod
-    def forward(ctx, gram, ends, weights, syn_r, syn_c, same, euclidean: bool, power):
-        er, ec, wr, wc = ends[:2], ends[2:], weights[:2], weights[2:]  # [2, ...] each
-        # r = Σ_αβ wr_α wc_β G[er_α, ec_β]; n = Σ_αβ w_α w_β G[e_α, e_β] for each point
-        r = (gram[er[:, None], ec[None, :]] * (wr[:, None] * wc[None, :])).sum((0, 1))
-        n_r = (gram[er[:, None], er[None, :]] * (wr[:, None] * wr[None, :])).sum((0, 1))
-        n_c = (gram[ec[:, None], ec[None, :]] * (wc[:, None] * wc[None, :])).sum((0, 1))
-        value, saved = _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean, power)
-        ctx.save_for_backward(ends, weights, *saved)
-        ctx.euclidean, ctx.power, ctx.gram_shape = euclidean, power, gram.shape
-        return value
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, u):
-        ends, weights, *saved = ctx.saved_tensors
-        u_r, u_nr, u_nc = _pair_chain_backward(u, *saved, ctx.euclidean, ctx.power)
-        er, ec, wr, wc = ends[:2], ends[2:], weights[:2], weights[2:]
-        rows = torch.cat([er[:, None].expand(2, 2, *u.shape), er[:, None].expand(2, 2, *u.shape),
-                          ec[:, None].expand(2, 2, *u.shape)])
-        cols = torch.cat([ec[None, :].expand(2, 2, *u.shape), er[None, :].expand(2, 2, *u.shape),
-                          ec[None, :].expand(2, 2, *u.shape)])
-        vals = torch.cat([u_r * wr[:, None] * wc[None, :], u_nr * wr[:, None] * wr[None, :],
-                          u_nc * wc[:, None] * wc[None, :]])
-        grad = torch.zeros(ctx.gram_shape, dtype=u.dtype, device=u.device)
-        grad.index_put_((rows.flatten(), cols.flatten()), vals.flatten(), accumulate=True)
-        return grad, None, None, None, None, None, None, None
-
-
 def _segment_best(values, segment, num_segments, inverted, worst):
     """Best of ``values`` [R, M] over the columns of each segment (``segment`` [M] in
     0..S-1), [R, S], and the first column attaining it: two scatter reductions, no sort."""
@@ -362,13 +316,14 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             self_value = transform(sq[first], sq[first], sq[first])
             best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
-        syn = grouped.synthetic & normalizing
-        ends = torch.cat([grouped.endpoints[:, rows], grouped.endpoints[:, cols]])
-        weights = torch.cat([endpoint_weights[:, rows], endpoint_weights[:, cols]])
-        syn_r, syn_c, same = syn[rows], syn[cols], rows == cols
+        idx = torch.stack([rows, cols])  # [2, C, C] positions of the row and the column point
+        ends = grouped.endpoints[:, idx].transpose(0, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
+        wsel = torch.stack([wf, ws])[:, idx].transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
+        sqn = sq[idx]
+        syn = grouped.synthetic[idx] if normalizing else torch.zeros_like(idx, dtype=torch.bool)
+        same = rows == cols
         rows, cols = order[rows], order[cols]
-    hardest = _SelectedEndpointValues.apply(gram, ends, weights, syn_r, syn_c, same, kind == "euclidean",
-                                            distance.power)
+    hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], same, kind, distance.power)
     return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout.slots,
                         _mat_from_gram(gram, kind, distance.power))
 
