@@ -347,11 +347,11 @@ def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(
             f"labels are on {labels.device} but embeddings are on {embeddings.device}"
         )
-    # Below float64, one float64 sum is finite exactly when every entry is (their finite values
-    # cannot overflow it): a single reduction instead of an elementwise mask.
+    # A sum in the embeddings' own dtype is finite when every entry is (one reduction, no
+    # conversion); only when it is not (NaN or inf, or finite values that overflowed it) does the
+    # elementwise check decide.
     x = embeddings.detach()
-    finite = torch.isfinite(x).all() if x.dtype == torch.float64 else torch.isfinite(x.sum(dtype=torch.float64))
-    if not bool(finite):
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError("embeddings contain NaN or inf")
 
 
