@@ -452,9 +452,25 @@ def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return rank[inverse], c
 
 
+def _same_pattern(layout: BatchLayout, labels: torch.Tensor) -> bool:
+    """Whether ``labels`` has the label pattern of ``layout`` (same classes, any class ids): every
+    sample carries its class's first sample's label, and different classes different labels."""
+    if layout.classes.numel() != labels.numel() or labels.numel() == 0:
+        return False
+    ids = labels[layout.first_index]  # [C] each class's label
+    if not torch.equal(ids[layout.classes], labels):
+        return False
+    ids = ids.sort().values
+    return not bool((ids[1:] == ids[:-1]).any())
+
+
 def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
                  dtype: torch.dtype = torch.float32) -> BatchLayout:
     """The :class:`BatchLayout` of a batch's labels, cached by label pattern (LRU, 8 entries)."""
+    if _LAYOUT_CACHE:  # the most recent pattern first: a sampler repeats one pattern every batch
+        key, layout = next(reversed(_LAYOUT_CACHE.items()))
+        if key[1:] == (n_points, pairs, str(labels.device), dtype) and _same_pattern(layout, labels):
+            return layout
     classes, c = first_appearance_classes(labels)
     key = (classes.cpu().numpy().tobytes(), n_points, pairs, str(labels.device), dtype)
     layout = _LAYOUT_CACHE.get(key)

@@ -77,11 +77,15 @@ def _slot_endpoints(layout: BatchLayout):
     return layout.extra("slot_endpoints", build)
 
 
-def _block_index(layout: BatchLayout) -> torch.Tensor:
-    """[C·k, C·k] flat Gram indices of the class-blocked Gram matrix (cached on the layout)."""
+def _block_index(layout: BatchLayout) -> Optional[torch.Tensor]:
+    """[C·k, C·k] flat Gram indices of the class-blocked Gram matrix, or None when the batch is
+    already in class blocks (classes contiguous and of equal size, as PML's MPerClassSampler
+    gives): cached on the layout."""
     def build(lay):
-        o = lay.originals
-        return o[:, None] * lay.expanded.num_originals + o[None, :]
+        o, b = lay.originals, lay.expanded.num_originals
+        if o.numel() == b and torch.equal(o, torch.arange(b, device=o.device)):
+            return None
+        return o[:, None] * b + o[None, :]
     return layout.extra("block_index", build)
 
 
@@ -98,7 +102,8 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
     normalizing = normalize and layout.has_synthetic
     with torch.no_grad():
         gd = gram.detach()
-        gs = gd.reshape(-1)[_block_index(layout)].view(c, k, c, k)
+        block_index = _block_index(layout)
+        gs = (gd if block_index is None else gd.reshape(-1)[block_index]).view(c, k, c, k)
         w = layout.weights.to(gd.dtype)
         gcc = torch.diagonal(gs, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k] within-class blocks
         sq = ((w @ gcc) * w).sum(-1)  # [C, K] squared norms before EE Eq. 2

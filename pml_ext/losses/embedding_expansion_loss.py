@@ -318,7 +318,11 @@ def _dense_npairs(loss, hb: HardenedBatch, labels):
         return loss.zero_losses()
     order = torch.argsort(labels[a])
     a, p = a[order], p[order]
-    sim = hb.hardened_matrix()[a][:, p]
+    # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive on
+    # its diagonal and its class pair's hardest value everywhere else: no [B, B] matrix needed
+    ca = hb.classes[a]
+    eye = torch.eye(len(a), dtype=torch.bool, device=a.device)
+    sim = torch.where(eye, hb.originals_mat[a, p][:, None], hb.hardest[ca[:, None], ca[None, :]])
     if not loss.distance.is_inverted:
         sim = -sim
     targets = torch.arange(len(a), device=sim.device)
