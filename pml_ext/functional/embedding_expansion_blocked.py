@@ -23,11 +23,10 @@ from .embedding_expansion import (
     _Gram,
     _in_slot_order,
     _mat_from_gram,
-    _safe_inverse,
     expanded_distance_matrix,
     safe_sqrt,
 )
-from .embedding_expansion_pairs import selected_pair_values
+from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
 
 __all__: list = []
 
@@ -65,15 +64,15 @@ def _search_class_pairs(block, c: int, kk: int, inverted: bool, valid: Optional[
 
 
 def _slot_endpoints(layout: BatchLayout):
-    """[C·K, 2] the two originals of every slot's point (batch indices; padding 0) and [C·K, 2]
-    their weights (EE Eq. 1; padding 0), cached on the layout."""
+    """[C·K, 3] every slot's expanded-set index and its point's two originals (batch indices;
+    padding: M, 0, 0) and [C·K, 2] their weights (EE Eq. 1; padding 0), cached on the layout."""
     def build(lay):
         ex, m = lay.expanded, lay.expanded.labels.numel()
-        flat = lay.slots.reshape(-1).clamp(max=max(m - 1, 0))
-        ok = (lay.slots.reshape(-1) < m)
-        ends = torch.stack([ex.first[flat], ex.second[flat]], 1) * ok[:, None]
-        weights = torch.stack([ex.w_first[flat], ex.w_second[flat]], 1) * ok[:, None]
-        return ends, weights
+        slots = lay.slots.reshape(-1)
+        flat, ok = slots.clamp(max=max(m - 1, 0)), (slots < m)[:, None]
+        ends = torch.stack([ex.first[flat], ex.second[flat]], 1) * ok
+        weights = torch.stack([ex.w_first[flat], ex.w_second[flat]], 1) * ok
+        return torch.cat([slots[:, None], ends], 1), weights
     return layout.extra("slot_endpoints", build)
 
 
@@ -109,7 +108,7 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
         sq = ((w @ gcc) * w).sum(-1)  # [C, K] squared norms before EE Eq. 2
         wn, scale = w, None
         if normalizing:
-            scale = torch.where(layout.synthetic_slot, _safe_inverse(safe_sqrt(sq)), 1.0)
+            scale = synthetic_scale(sq, layout.synthetic_slot)
             wn, sq = w * scale[..., None], sq * scale * scale
         # t[a, (b, s), j] = Σ_i wn[b, s, i] G[b, i, a, j]: slot s of class b against original j of a
         t = torch.bmm(wn, gs.reshape(c, k, c * k)).view(c * kk, c, k).transpose(0, 1)
@@ -133,8 +132,9 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
             block, c, kk, inverted, valid, layout.original_slot if originals_best else None)
         # the selected points as flat slots: [2, C, C] (row point, column point)
         idx = torch.stack([layout.row_base + p_slot, layout.col_base + q_slot])
-        slot_ends, slot_w = _slot_endpoints(layout)
-        ends = slot_ends[idx].movedim(-1, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
+        slot_points, slot_w = _slot_endpoints(layout)
+        points = slot_points[idx]  # [2, C, C, 3]: expanded-set index, two originals
+        ends = points[..., 1:].movedim(-1, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
         wsel = slot_w[idx].to(gd.dtype)
         if scale is not None:
             wsel = wsel * scale.view(-1)[idx][..., None]
@@ -145,10 +145,9 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
         else:
             syn = torch.zeros_like(idx, dtype=torch.bool)
         same_point = layout.class_eye & (p_slot == q_slot)
-        rows_cols = slots.view(-1)[idx]
     hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], same_point, kind,
                                    distance.power)
-    return HardestPairs(hardest, rows_cols[0], rows_cols[1], best, best_orig, inverted, slots,
+    return HardestPairs(hardest, points[0, ..., 0], points[1, ..., 0], best, best_orig, inverted, slots,
                         _mat_from_gram(gram, kind, distance.power))
 
 

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import HardestPairs, _Gram, _mat_from_gram, _safe_inverse, _sq_norms, safe_sqrt
-from .embedding_expansion_pairs import selected_pair_values
+from .embedding_expansion import HardestPairs, _Gram, _mat_from_gram, _sq_norms, safe_sqrt
+from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
 
@@ -260,7 +260,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
         sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
         scale = None
         if normalizing:
-            scale = torch.where(grouped.synthetic, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
+            scale = synthetic_scale(sq, grouped.synthetic)
             wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
         on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
                      and bool((sq > 0.5).all()))

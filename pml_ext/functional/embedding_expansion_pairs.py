@@ -14,7 +14,14 @@ import torch
 
 from .embedding_expansion import safe_sqrt
 
-__all__: list = []
+__all__: list = []  # internal to the searches
+
+
+def synthetic_scale(sq: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
+    """EE Eq. 2's scale 1/‖x̄‖ of every synthetic point from its squared norm (0 for a zero-norm
+    point, which then stays at the origin), 1 for the originals. For the searches (no autograd)."""
+    inv = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt(), 0.0)
+    return torch.where(synthetic, inv, 1.0)
 
 
 def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
