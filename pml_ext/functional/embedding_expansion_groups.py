@@ -286,9 +286,21 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             rows = gt[:, g.row_start:].index_select(0, g.originals[lo * k:hi * k]).view(hi - lo, k, -1)
             return transform(torch.bmm(w, rows), sq[g.slots[lo:hi]][..., None], sq[g.row_start:])
 
-        def pairwise(q, p):
-            """Search values of the position pairs (q, p), broadcast."""
-            return transform(gt[f[q], p] * wf[q] + gt[s[q], p] * ws[q], sq[q], sq[p])
+        def group_weights(g: ClassGroup) -> torch.Tensor:
+            """[C_g, K_g, k_g] the group's points over their classes' originals, EE Eq. 2 included."""
+            w = g.weights.to(gd.dtype)
+            return w if scale is None else w * scale[g.slots][..., None]
+
+        def best_points(g: ClassGroup, targets: torch.Tensor) -> torch.Tensor:
+            """[C_g, C] the first point (a position) of each class of g that is best against
+            ``targets[c, y]``, one point per class y: a batched product over each class's originals."""
+            w = group_weights(g)
+            cg, k = w.shape[0], w.shape[2]
+            lin = g.originals.view(cg, k, 1) * m + targets[:, None, :]  # gt[original, target]
+            r = torch.bmm(gt.reshape(-1)[lin].transpose(1, 2), w.transpose(1, 2))  # [C_g, C, K_g]
+            vals = transform(r, sq[targets][..., None], sq[g.slots][:, None, :])
+            _, slot = (torch.max if inverted else torch.min)(vals, dim=2)
+            return g.slots.gather(1, slot)
 
         reduce = torch.amax if inverted else torch.amin
         best_cp = gd.new_full((c, m), worst)  # best value of each class's points against each point
@@ -301,11 +313,13 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
                 best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, lo, min(cg, lo + step)), dim=1)
         # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
         best_yx, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
-        # stage 3: every point q of class y against the row point chosen for (x, y); the first best q
-        q = torch.arange(m, device=gd.device)[:, None]
-        _, cols = _segment_best(pairwise(q, rows_yx.index_select(0, point_class)).t(), point_class, c,
-                                inverted, worst)  # [x, y]
-        rows = rows_yx.t()
+        # stage 3: every point of class x against the point of y chosen for (x, y): the first best
+        # one, group by group (a class searched only from the other side is skipped: never read)
+        cols = torch.zeros_like(rows_yx)  # [x, y], transposed below
+        for g in grouped.groups:
+            if g.row_start < m:
+                cols[g.classes] = best_points(g, rows_yx.index_select(0, g.classes))
+        rows, cols = rows_yx.t(), cols.t()
         # pairs searched from the other side are mirrored; a class alone in its group is paired with
         # its first point on the diagonal
         direct, mirror, first = grouped.direct, grouped.mirror, grouped.first_position
