@@ -491,8 +491,13 @@ class HardestPairs(NamedTuple):
     best: torch.Tensor  # [C, C] detached search value of the hardest pair (see search_inverted)
     best_originals: Optional[torch.Tensor]  # [C, C] the same over originals only (if asked for)
     search_inverted: bool  # True when larger search values are harder
-    slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
+    layout: "BatchLayout"  # the label pattern searched
     originals_mat: torch.Tensor  # [B, B] the distance on the batch, differentiable
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """[C, K] expanded-set index of each class slot (padding = M), built on first use."""
+        return self.layout.slots
 
 
 class _Gram(torch.autograd.Function):

@@ -94,7 +94,6 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
     (L2-normalising Lp distance, ``normalize=True``), the Euclidean distance decreases with the
     inner product, so the search runs on the inner products themselves
     (``search_inverted=True``) without square roots."""
-    slots = layout.slots
     c, kk, k = layout.weights.shape
     x = distance.maybe_normalize(embeddings)
     gram = _Gram.apply(x)
@@ -147,7 +146,7 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
         same_point = layout.class_eye & (p_slot == q_slot)
     hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], same_point, kind,
                                    distance.power)
-    return HardestPairs(hardest, points[0, ..., 0], points[1, ..., 0], best, best_orig, inverted, slots,
+    return HardestPairs(hardest, points[0, ..., 0], points[1, ..., 0], best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))
 
 
@@ -165,4 +164,4 @@ def hardest_from_full_matrix(embeddings, layout: BatchLayout, distance, normaliz
             layout.original_slot if originals_best else None)
         flat_slots = slots.view(-1)
         rows, cols = flat_slots[layout.row_base + p_slot], flat_slots[layout.col_base + q_slot]
-    return HardestPairs(mat[rows, cols], rows, cols, best, best_orig, inverted, slots, mat[:b, :b])
+    return HardestPairs(mat[rows, cols], rows, cols, best, best_orig, inverted, layout, mat[:b, :b])

@@ -338,7 +338,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
         same = rows == cols
         rows, cols = order[rows], order[cols]
     hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], same, kind, distance.power)
-    return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout.slots,
+    return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))
 
 
