@@ -258,10 +258,12 @@ def _triplet_structure(layout: F.BatchLayout):
     p = int(pos.sum(1).max()) if pos.numel() else 0
     if p == 0 or not bool(layout.negative.any()):
         return None
-    pos_idx = torch.sort(pos.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :p]
-    valid = pos.gather(1, pos_idx)[:, :, None] & layout.negative[:, None, :]
+    pos8 = pos.to(torch.uint8)
+    pos_idx = torch.sort(pos8, dim=1, descending=True, stable=True).indices[:, :p]
+    # [B, P, B] as a uint8 product viewed as bool (the bool broadcast & is ~15x slower on CPU)
+    valid = (pos8.gather(1, pos_idx)[:, :, None] * layout.negative.to(torch.uint8)[:, None, :]).view(torch.bool)
     a, slot, n = valid.nonzero(as_tuple=True)
-    return pos_idx, valid, (a, pos_idx[a, slot], n)
+    return pos_idx, valid, (a, pos_idx.reshape(-1)[a * p + slot], n)
 
 
 def _dense_triplet(loss, hb: HardenedBatch, labels):
