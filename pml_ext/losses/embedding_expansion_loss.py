@@ -273,9 +273,11 @@ def _dense_triplet(loss, hb: HardenedBatch, labels):
         return loss.zero_losses()
     pos_idx, valid, indices = structure
     mat = hb.hardened_matrix()
-    violation = loss.distance.margin(mat.gather(1, pos_idx)[:, :, None], mat[:, None, :]) + loss.margin
+    # the triplets are selected right after the one [B, P, B] operation; PML's arithmetic follows
+    margins = loss.distance.margin(mat.gather(1, pos_idx)[:, :, None], mat[:, None, :]).masked_select(valid)
+    violation = margins + loss.margin
     per = torch.nn.functional.softplus(violation) if loss.smooth_loss else torch.relu(violation)
-    return {"loss": {"losses": per.masked_select(valid), "indices": indices, "reduction_type": "triplet"}}
+    return {"loss": {"losses": per, "indices": indices, "reduction_type": "triplet"}}
 
 
 def _pair_structure(layout: F.BatchLayout):
