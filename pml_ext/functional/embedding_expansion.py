@@ -371,22 +371,26 @@ class BatchLayout:
     """
 
     _BLOCKED = ("slots", "weights", "valid_slot", "synthetic_slot", "original_slot", "has_synthetic",
-                "row_base", "col_base")
+                "row_base", "col_base", "slot_points", "slot_weights")
 
     def __init__(self, classes: torch.Tensor, num_classes: int, ex: ExpandedSet):
-        b, device = ex.num_originals, classes.device
         self.classes, self.num_classes, self.expanded = classes, num_classes, ex
         c = num_classes
         self.first_index = _first_positions(classes, c)
         self._original_slots = _class_slots(classes, c)  # [C, k]
-        self.originals = self._original_slots.flatten().clamp(max=max(b - 1, 0))
         # points of each class's expanded set, K_c: what the search's cost follows
         self.class_sizes = torch.bincount(classes[ex.first], minlength=c)
-        self.class_eye = torch.eye(c, dtype=torch.bool, device=device)
-        self.pair_index = classes[:, None] * c + classes[None, :]
-        self.negative = classes[:, None] != classes[None, :]
-        self.positive = ~self.negative & ~torch.eye(b, dtype=torch.bool, device=device)  # same class, i != j
         self._extras: dict = {}
+
+    # built on first use (a new label pattern every step pays only for what its loss and search read)
+    _LAZY = {
+        "originals": lambda self: self._original_slots.flatten().clamp(max=max(self.classes.numel() - 1, 0)),
+        "class_eye": lambda self: torch.eye(self.num_classes, dtype=torch.bool, device=self.classes.device),
+        "pair_index": lambda self: self.classes[:, None] * self.num_classes + self.classes[None, :],
+        "negative": lambda self: self.classes[:, None] != self.classes[None, :],
+        # same class, i != j
+        "positive": lambda self: (self.classes[:, None] == self.classes[None, :]).fill_diagonal_(False),
+    }
 
     def __getattr__(self, name):
         # the padded [C, K] slot structures are built on first use: the grouped search
@@ -398,6 +402,10 @@ class BatchLayout:
         if name in BatchLayout._BLOCKED:
             self._build_blocked()
             return self.__dict__[name]
+        if name in BatchLayout._LAZY:
+            value = BatchLayout._LAZY[name](self)
+            setattr(self, name, value)
+            return value
         raise AttributeError(name)
 
     def _build_blocked(self) -> None:
@@ -413,10 +421,15 @@ class BatchLayout:
         position = torch.zeros(b + 1, dtype=torch.long, device=device)
         position[originals.flatten()] = torch.arange(k, device=device).repeat(c)
         w = torch.zeros(c * kk, k, dtype=ex.w_first.dtype, device=device)
-        ok = valid.flatten().to(w.dtype)
-        w.scatter_add_(1, position[ex.first[flat]][:, None], (ex.w_first[flat] * ok)[:, None])
-        w.scatter_add_(1, position[ex.second[flat]][:, None], (ex.w_second[flat] * ok)[:, None])
+        ok = valid.flatten()
+        ends = torch.stack([ex.first[flat], ex.second[flat]], 1) * ok[:, None]  # [C·K, 2], padding 0
+        ends_w = torch.stack([ex.w_first[flat], ex.w_second[flat]], 1) * ok[:, None]
+        w.scatter_add_(1, position[ends], ends_w)
         self.weights = w.view(c, kk, k)
+        # every slot's expanded-set index and its point's two originals (padding: M, 0, 0), and their
+        # weights (EE Eq. 1; padding 0): what the selected pairs' values read
+        self.slot_points = torch.cat([self.slots.reshape(-1, 1), ends], 1)
+        self.slot_weights = ends_w
         self.synthetic_slot = ex.is_synthetic[flat].view(c, kk) & valid
         self.original_slot = (self.slots < b) & valid
         self.has_synthetic = bool(self.synthetic_slot.any())

@@ -83,19 +83,6 @@ def _first_best(vals: torch.Tensor, reduce, inverted: bool):
     return best, p, q
 
 
-def _slot_endpoints(layout: BatchLayout):
-    """[C·K, 3] every slot's expanded-set index and its point's two originals (batch indices;
-    padding: M, 0, 0) and [C·K, 2] their weights (EE Eq. 1; padding 0), cached on the layout."""
-    def build(lay):
-        ex, m = lay.expanded, lay.expanded.labels.numel()
-        slots = lay.slots.reshape(-1)
-        flat, ok = slots.clamp(max=max(m - 1, 0)), (slots < m)[:, None]
-        ends = torch.stack([ex.first[flat], ex.second[flat]], 1) * ok
-        weights = torch.stack([ex.w_first[flat], ex.w_second[flat]], 1) * ok
-        return torch.cat([slots[:, None], ends], 1), weights
-    return layout.extra("slot_endpoints", build)
-
-
 def _block_index(layout: BatchLayout) -> Optional[torch.Tensor]:
     """[C·k, C·k] flat Gram indices of the class-blocked Gram matrix, or None when the batch is
     already in class blocks (classes contiguous and of equal size, as PML's MPerClassSampler
@@ -151,10 +138,9 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
             block, c, kk, inverted, valid, layout.original_slot if originals_best else None)
         # the selected points as flat slots: [2, C, C] (row point, column point)
         idx = torch.stack([layout.row_base + p_slot, layout.col_base + q_slot])
-        slot_points, slot_w = _slot_endpoints(layout)
-        points = slot_points[idx]  # [2, C, C, 3]: expanded-set index, two originals
+        points = layout.slot_points[idx]  # [2, C, C, 3]: expanded-set index, two originals
         ends = points[..., 1:].movedim(-1, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
-        wsel = slot_w[idx].to(gd.dtype)
+        wsel = layout.slot_weights[idx].to(gd.dtype)
         if scale is not None:
             wsel = wsel * scale.view(-1)[idx][..., None]
         wsel = wsel.movedim(-1, 1).reshape(4, c, c)
