@@ -527,7 +527,7 @@ class _Gram(torch.autograd.Function):
         return (g + g.t()).to(x.dtype) @ x  # differentiable ops: double backward still works
 
 
-_SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient search block, in entries (1 MB in float32)
+_SEARCH_CHUNK_ENTRIES = 1 << 17  # bound on the transient search block, in entries (512 kB in float32)
 # "auto": the blocked search (embedding_expansion_blocked) or the grouped one
 # (embedding_expansion_groups), whichever the cost model expects cheaper for the label pattern;
 # "blocked" / "groups" force one (tests)

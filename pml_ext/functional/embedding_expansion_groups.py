@@ -49,7 +49,7 @@ _BLOCKED_PADDED_ENTRY_COST = 4.0
 _BLOCKED_CHUNK_COST = 100_000
 _GROUPED_FIXED_COST = 400_000
 _GROUP_COST = 50_000
-_SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient stage-1 block, in entries (1 MB in float32)
+_SEARCH_CHUNK_ENTRIES = 1 << 17  # bound on the transient stage-1 block, in entries (512 kB in float32)
 
 
 class ClassGroup(NamedTuple):
