@@ -267,3 +267,35 @@ def test_blocked_search_with_many_slots_per_class_matches_brute_force(search):
         got = F.hardened_pair_matrix(dist(x), hb.classes, hb.classes, hb.hardest)
         want = torch.tensor(ref.hardened_matrix(x, y, 2, normalize, "all", kind), dtype=torch.float64)
         assert torch.allclose(got, want, atol=1e-9), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("n", [0, 1, 2])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_balanced_layout_in_any_order_equals_the_direct_construction(pairs, n, k):
+    """A balanced batch in a new order: the layout mapped from the canonical one equals, field by
+    field, the layout built from scratch (expanded set in the batch's order, slots, weights)."""
+    from pml_ext.functional.embedding_expansion_layouts import balanced_layout
+
+    g = torch.Generator().manual_seed(10 * k + n)
+    for trial in range(3):
+        c = 5
+        y = torch.arange(c).repeat_interleave(k)[torch.randperm(c * k, generator=g)] * 7 + 3
+        classes, num = F.first_appearance_classes(y)
+        got = balanced_layout(classes, num, n, pairs, torch.float64)
+        want = F.BatchLayout(classes, num, F.expand(classes, n, pairs, torch.float64))
+        assert got is not None
+        for u, v in zip(got.expanded, want.expanded):
+            assert (u == v) if isinstance(u, int) else torch.equal(u, v)
+        for name in ("classes", "first_index", "_original_slots", "class_sizes", "slots", "weights",
+                     "synthetic_slot", "original_slot", "row_base", "col_base", "slot_points", "slot_weights",
+                     "originals", "negative", "positive", "pair_index", "class_eye"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert got.valid_slot is None and want.valid_slot is None and got.has_synthetic == want.has_synthetic
+
+
+def test_unbalanced_batches_are_built_directly():
+    from pml_ext.functional.embedding_expansion_layouts import balanced_layout
+
+    classes, num = F.first_appearance_classes(torch.tensor([0, 1, 1, 2, 2, 2]))
+    assert balanced_layout(classes, num, 2, "all", torch.float32) is None

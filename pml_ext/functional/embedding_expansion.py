@@ -488,7 +488,11 @@ def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
     key = (classes.cpu().numpy().tobytes(), n_points, pairs, str(labels.device), dtype)
     layout = _LAYOUT_CACHE.get(key)
     if layout is None:
-        layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
+        from .embedding_expansion_layouts import balanced_layout
+
+        layout = balanced_layout(classes, c, n_points, pairs, dtype)  # a balanced batch in any order
+        if layout is None:
+            layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
         _LAYOUT_CACHE[key] = layout
         if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
             _LAYOUT_CACHE.popitem(last=False)
