@@ -270,55 +270,53 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
         gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
 
         def transform(r, sq_q, sq_p):
+            """Search values from inner products; ``sq_q``/``sq_p`` give the squared norms (called
+            only for Euclidean values off the sphere)."""
             if on_sphere:
                 return r
             if kind == "euclidean":
-                r = safe_sqrt(sq_q + sq_p - 2 * r)
+                r = safe_sqrt(sq_q() + sq_p() - 2 * r)
             return r**distance.power if distance.power != 1 else r
-
-        def against(g: ClassGroup, lo: int, hi: int):
-            """Search values of classes lo..hi-1 of group g against positions g.row_start..M-1,
-            [classes, K_g, positions]: a batched product over each class's originals."""
-            w = g.weights[lo:hi].to(gd.dtype)
-            if scale is not None:
-                w = w * scale[g.slots[lo:hi]][..., None]
-            k = w.shape[2]
-            rows = gt[:, g.row_start:].index_select(0, g.originals[lo * k:hi * k]).view(hi - lo, k, -1)
-            return transform(torch.bmm(w, rows), sq[g.slots[lo:hi]][..., None], sq[g.row_start:])
 
         def group_weights(g: ClassGroup) -> torch.Tensor:
             """[C_g, K_g, k_g] the group's points over their classes' originals, EE Eq. 2 included."""
             w = g.weights.to(gd.dtype)
             return w if scale is None else w * scale[g.slots][..., None]
 
-        def best_points(g: ClassGroup, targets: torch.Tensor) -> torch.Tensor:
+        def against(g: ClassGroup, w: torch.Tensor, lo: int, hi: int):
+            """Search values of classes lo..hi-1 of group g against positions g.row_start..M-1,
+            [classes, K_g, positions]: a batched product over each class's originals."""
+            k = w.shape[2]
+            rows = gt[:, g.row_start:].index_select(0, g.originals[lo * k:hi * k]).view(hi - lo, k, -1)
+            return transform(torch.bmm(w[lo:hi], rows), lambda: sq[g.slots[lo:hi]][..., None],
+                             lambda: sq[g.row_start:])
+
+        def best_points(g: ClassGroup, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             """[C_g, C] the first point (a position) of each class of g that is best against
             ``targets[c, y]``, one point per class y: a batched product over each class's originals."""
-            w = group_weights(g)
             cg, k = w.shape[0], w.shape[2]
             lin = g.originals.view(cg, k, 1) * m + targets[:, None, :]  # gt[original, target]
             r = torch.bmm(gt.reshape(-1)[lin].transpose(1, 2), w.transpose(1, 2))  # [C_g, C, K_g]
-            vals = transform(r, sq[targets][..., None], sq[g.slots][:, None, :])
+            vals = transform(r, lambda: sq[targets][..., None], lambda: sq[g.slots][:, None, :])
             _, slot = (torch.max if inverted else torch.min)(vals, dim=2)
             return g.slots.gather(1, slot)
 
         reduce = torch.amax if inverted else torch.amin
         best_cp = gd.new_full((c, m), worst)  # best value of each class's points against each point
-        for g in grouped.groups:
-            if g.row_start == m:
-                continue  # the last, largest class alone: its pairs were searched from the other side
+        searched = [g for g in grouped.groups if g.row_start < m]  # the last, largest class alone:
+        weights = [group_weights(g) for g in searched]  # its pairs were searched from the other side
+        for g, w in zip(searched, weights):
             cg, kg = g.slots.shape
             step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, kg * (m - g.row_start)))
             for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
-                best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, lo, min(cg, lo + step)), dim=1)
+                best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, w, lo, min(cg, lo + step)), dim=1)
         # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
         best_yx, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
         # stage 3: every point of class x against the point of y chosen for (x, y): the first best
         # one, group by group (a class searched only from the other side is skipped: never read)
         cols = torch.zeros_like(rows_yx)  # [x, y], transposed below
-        for g in grouped.groups:
-            if g.row_start < m:
-                cols[g.classes] = best_points(g, rows_yx.index_select(0, g.classes))
+        for g, w in zip(searched, weights):
+            cols[g.classes] = best_points(g, w, rows_yx.index_select(0, g.classes))
         rows, cols = rows_yx.t(), cols.t()
         # pairs searched from the other side are mirrored; a class alone in its group is paired with
         # its first point on the diagonal
@@ -327,7 +325,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
                       torch.where(direct, cols, torch.where(mirror, rows.t(), first[None, :])))
         best = torch.where(direct, best_yx.t(), best_yx)
         if bool(grouped.alone.any()):
-            self_value = transform(sq[first], sq[first], sq[first])
+            self_value = transform(sq[first], lambda: sq[first], lambda: sq[first])
             best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
         idx = torch.stack([rows, cols])  # [2, C, C] positions of the row and the column point
@@ -345,5 +343,6 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
 def _originals_best(gd, classes, c, transform, inverted, worst):
     """Best search value of every class pair over originals only, [C, C] (the miner's statistics)."""
     sq = torch.diagonal(gd)
-    per_point, _ = _segment_best(transform(gd, sq[:, None], sq[None, :]), classes, c, inverted, worst)  # [B, y]
+    per_point, _ = _segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
+                                 worst)  # [B, y]
     return _segment_best(per_point.t(), classes, c, inverted, worst)[0].t()
