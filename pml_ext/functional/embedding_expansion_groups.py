@@ -43,8 +43,7 @@ __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_n
 # the same in both searches (~1 ns, batched products), the grouped search has ~0.4 ms more fixed
 # work (stage 2/3, the ordering) and each group adds a few small operations; a padded blocked
 # search (classes of unequal size) masks its padding and costs ~4x per entry; each memory chunk of
-# the blocked search costs ~0.1 ms more.
-_BLOCKED_ENTRY_COST = 1.0
+# the blocked search costs ~0.1 ms more. Equal classes always take the blocked search (no padding).
 _BLOCKED_PADDED_ENTRY_COST = 4.0
 _BLOCKED_CHUNK_COST = 100_000
 _GROUPED_FIXED_COST = 400_000
@@ -208,8 +207,10 @@ def _choose(layout) -> bool:
     if c == 0 or m == 0:
         return False
     kk = int(sizes.max())
+    if int(sizes.min()) == kk:
+        return False  # equal classes: the blocked search has no padding, and less fixed work
     k = int(torch.bincount(layout.classes, minlength=c).max())
-    per_entry = _BLOCKED_ENTRY_COST if int(sizes.min()) == kk else _BLOCKED_PADDED_ENTRY_COST
+    per_entry = _BLOCKED_PADDED_ENTRY_COST
     blocked = per_entry * (c * kk) * (c * kk + c * k)  # the [C, C, K, K] search and W·G
     classes_per_chunk = max(1, _ee._SEARCH_CHUNK_ENTRIES // max(1, c * kk * kk))
     blocked += _BLOCKED_CHUNK_COST * -(-c // classes_per_chunk)

@@ -74,7 +74,8 @@ def balanced_layout(classes: torch.Tensor, c: int, n_points: int, pairs: str, dt
     ex = ExpandedSet(first, second, ex0.w_first[phi], ex0.w_second[phi], classes[first], ex0.is_synthetic, b)
     layout = BatchLayout.__new__(BatchLayout)
     layout.__dict__.update(
-        classes=classes, num_classes=c, expanded=ex, _extras={},
+        classes=classes, num_classes=c, expanded=ex,
+        _extras={"block_index": perm[:, None] * b + perm[None, :]},  # the Gram matrix in class blocks
         first_index=perm.view(c, k)[:, 0], _original_slots=perm.view(c, k), class_sizes=canon.class_sizes,
         slots=psi[canon.slots], weights=canon.weights, valid_slot=canon.valid_slot,
         synthetic_slot=canon.synthetic_slot, original_slot=canon.original_slot, has_synthetic=canon.has_synthetic,
