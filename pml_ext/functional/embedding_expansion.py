@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -457,6 +458,12 @@ def _first_positions(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """Class index of every sample, classes numbered in order of first appearance."""
+    if labels.device.type == "cpu" and labels.numel():
+        # a handful of NumPy calls on B integers (a new label pattern pays this every step)
+        _, first, inverse = np.unique(labels.numpy(), return_index=True, return_inverse=True)
+        rank = np.empty_like(first)
+        rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+        return torch.from_numpy(rank[inverse.reshape(-1)]), int(first.size)
     _, inverse = torch.unique(labels, return_inverse=True)
     c = int(inverse.max()) + 1 if labels.numel() else 0
     first = _first_positions(inverse, c)
