@@ -253,7 +253,8 @@ def _dense_loss(loss, indices_tuple):
 
 
 def _triplet_structure(layout: F.BatchLayout):
-    """Positives of every anchor padded to P slots, and the (a, p, n) triplets in PML's order."""
+    """Positives of every anchor padded to P slots, the (a, p, n) triplets in PML's order, and
+    (when the padded box is mostly empty) their flat indices into the [B, B] matrix."""
     pos = layout.positive
     p = int(pos.sum(1).max()) if pos.numel() else 0
     if p == 0 or not bool(layout.negative.any()):
@@ -263,7 +264,35 @@ def _triplet_structure(layout: F.BatchLayout):
     # [B, P, B] as a uint8 product viewed as bool (the bool broadcast & is ~15x slower on CPU)
     valid = (pos8.gather(1, pos_idx)[:, :, None] * layout.negative.to(torch.uint8)[:, None, :]).view(torch.bool)
     a, slot, n = valid.nonzero(as_tuple=True)
-    return pos_idx, valid, (a, pos_idx.reshape(-1)[a * p + slot], n)
+    pp = pos_idx.reshape(-1)[a * p + slot]
+    b = pos.shape[0]
+    # a mostly empty [B, P, B] box (long-tailed classes: P is the largest class's): the triplets'
+    # flat indices into the [B, B] matrix instead
+    flat = (a * b + pp, a * b + n) if a.numel() < _FLAT_TRIPLETS * valid.numel() else None
+    return pos_idx, valid, (a, pp, n), flat
+
+
+_FLAT_TRIPLETS = 0.35  # below this fraction of valid (a, slot, n) entries, gather the triplets
+
+
+class _TwoGathers(torch.autograd.Function):
+    """``mat.flatten()[i]`` and ``mat.flatten()[j]``; the backward adds both gradients into one
+    buffer with ``index_add_`` (faster on CPU than autograd's backward of two index operations)."""
+
+    @staticmethod
+    def forward(ctx, mat, i, j):
+        ctx.save_for_backward(i, j)
+        ctx.shape = mat.shape
+        flat = mat.reshape(-1)
+        return flat[i], flat[j]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gi, gj):
+        i, j = ctx.saved_tensors
+        grad = gi.new_zeros(ctx.shape[0] * ctx.shape[1])
+        grad.index_add_(0, i, gi).index_add_(0, j, gj)
+        return grad.view(ctx.shape), None, None
 
 
 def _dense_triplet(loss, hb: HardenedBatch, labels):
@@ -271,10 +300,12 @@ def _dense_triplet(loss, hb: HardenedBatch, labels):
     structure = hb.layout.extra("triplet", _triplet_structure)
     if structure is None:
         return loss.zero_losses()
-    pos_idx, valid, indices = structure
+    pos_idx, valid, indices, flat = structure
     mat = hb.hardened_matrix()
-    # the triplets are selected right after the one [B, P, B] operation; PML's arithmetic follows
-    margins = loss.distance.margin(mat.gather(1, pos_idx)[:, :, None], mat[:, None, :]).masked_select(valid)
+    if flat is not None:
+        margins = loss.distance.margin(*_TwoGathers.apply(mat, *flat))
+    else:  # the triplets are selected right after the one [B, P, B] operation; PML's arithmetic follows
+        margins = loss.distance.margin(mat.gather(1, pos_idx)[:, :, None], mat[:, None, :]).masked_select(valid)
     violation = margins + loss.margin
     per = torch.nn.functional.softplus(violation) if loss.smooth_loss else torch.relu(violation)
     return {"loss": {"losses": per, "indices": indices, "reduction_type": "triplet"}}
