@@ -17,8 +17,9 @@ k + n·k(k−1)/2 points, so one large class sets K for all. Here the cost follo
   classes in different groups is searched once (from the smaller class's group), and a class
   alone in its group is not searched against itself (no loss reads the diagonal);
 - stage 2: for every class pair, the best row point (two scatter reductions over [C, M]);
-- stage 3: the C·M values of those row points against every point of the column class give the
-  column point; pairs searched from the other side are mirrored.
+- stage 3: the chosen points against every point of the other class of their pair give the other
+  point (one batched product per group over each class's originals, C·M values in all); pairs
+  searched from the other side are mirrored.
 
 :func:`use_groups` chooses between the two searches per batch from the label pattern alone (a
 cost model of both searches' entries and fixed work). The gradient flows only through the C²
@@ -242,9 +243,10 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
 
     Stage 1 computes, group by group, only the best value of each class against every later
     point (values, no indices: a plain reduction over the slots). Stage 2 finds, for every class
-    pair, the best row point from that [C, M] table; stage 3 recomputes the C·M values of those
-    row points against every point of the column class to find the column point. Pairs searched
-    from the other side are mirrored (the search values are symmetric).
+    pair, the best point on one side from that [C, M] table; stage 3 computes, group by group, the
+    values of those points against every point of the other class (C·M values in all) to find the
+    point on the other side. Pairs searched from the other side are mirrored (the search values
+    are symmetric).
     """
     ex, c = layout.expanded, layout.num_classes
     m = ex.labels.numel()
