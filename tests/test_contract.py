@@ -231,7 +231,8 @@ def test_record_keeper_logs_ee_statistics(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_finiteness_check_accepts_the_largest_finite_values(dtype):
-    """The input check sums in float64: the largest finite values of every smaller dtype pass."""
+    """The input check's sum overflows on the largest finite values; the elementwise check then
+    lets them pass, and still catches one inf among them."""
     from pml_ext.losses.embedding_expansion_loss import _check_batch
 
     x = torch.full((64, 256), torch.finfo(dtype).max, dtype=dtype)

@@ -235,3 +235,67 @@ def test_groups_partition_the_classes_and_slots_hold_each_class_points():
         members = groups.order[g.slots]  # expanded-set indices
         for c, row in zip(g.classes.tolist(), members):
             assert set(row.tolist()) == set((point_class == c).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_two_stage_best_equals_one_reduction_with_ties(monkeypatch, inverted):
+    """_first_best in two stages (many slots per class) gives the one-reduction answer: the best
+    value and the first (q, p) attaining it in row-major order, ties included."""
+    import pml_ext.functional.embedding_expansion_blocked as Bk
+
+    g = torch.Generator().manual_seed(7)
+    vals = torch.randint(0, 4, (3, 5, 6, 6), generator=g).to(torch.float64)  # many exact ties
+    vals[0, 0] = float("inf") if not inverted else float("-inf")  # a fully masked class pair
+    reduce = torch.max if inverted else torch.min
+    monkeypatch.setattr(Bk, "_TWO_STAGE_SLOTS", 1 << 30)
+    one = Bk._first_best(vals, reduce, inverted)
+    monkeypatch.setattr(Bk, "_TWO_STAGE_SLOTS", 1)
+    two = Bk._first_best(vals, reduce, inverted)
+    for u, v in zip(one, two):
+        assert torch.equal(u, v)
+
+
+def test_blocked_search_with_many_slots_per_class_matches_brute_force(search):
+    """A balanced batch whose classes have >= 32 expanded points (the two-stage reduction)."""
+    search("blocked")
+    y = torch.arange(3).repeat_interleave(6)  # 6 + 2·15 = 36 points per class
+    x = torch.randn(18, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for kind in ("l2", "cos", "l2raw"):
+        dist = GRAM_DISTANCES[kind]()
+        normalize = kind != "l2raw"
+        hb = EmbeddingExpansionMiner(n_points=2, normalize=normalize, distance=dist).harden(x, y)
+        got = F.hardened_pair_matrix(dist(x), hb.classes, hb.classes, hb.hardest)
+        want = torch.tensor(ref.hardened_matrix(x, y, 2, normalize, "all", kind), dtype=torch.float64)
+        assert torch.allclose(got, want, atol=1e-9), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("n", [0, 1, 2])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_balanced_layout_in_any_order_equals_the_direct_construction(pairs, n, k):
+    """A balanced batch in a new order: the layout mapped from the canonical one equals, field by
+    field, the layout built from scratch (expanded set in the batch's order, slots, weights)."""
+    from pml_ext.functional.embedding_expansion_layouts import balanced_layout
+
+    g = torch.Generator().manual_seed(10 * k + n)
+    for trial in range(3):
+        c = 5
+        y = torch.arange(c).repeat_interleave(k)[torch.randperm(c * k, generator=g)] * 7 + 3
+        classes, num = F.first_appearance_classes(y)
+        got = balanced_layout(classes, num, n, pairs, torch.float64)
+        want = F.BatchLayout(classes, num, F.expand(classes, n, pairs, torch.float64))
+        assert got is not None
+        for u, v in zip(got.expanded, want.expanded):
+            assert (u == v) if isinstance(u, int) else torch.equal(u, v)
+        for name in ("classes", "first_index", "_original_slots", "class_sizes", "slots", "weights",
+                     "synthetic_slot", "original_slot", "row_base", "col_base", "slot_points", "slot_weights",
+                     "originals", "negative", "positive", "pair_index", "class_eye"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert got.valid_slot is None and want.valid_slot is None and got.has_synthetic == want.has_synthetic
+
+
+def test_unbalanced_batches_are_built_directly():
+    from pml_ext.functional.embedding_expansion_layouts import balanced_layout
+
+    classes, num = F.first_appearance_classes(torch.tensor([0, 1, 1, 2, 2, 2]))
+    assert balanced_layout(classes, num, 2, "all", torch.float32) is None

@@ -456,3 +456,28 @@ def test_selection_ratio_matches_brute_force(classes):
             harder.append(best_all < best_orig - 1e-12)
     assert 0 < sum(harder) < len(harder)  # the check is informative
     assert miner.synthetic_selection_ratio == pytest.approx(sum(harder) / len(harder))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: losses.TripletMarginLoss(margin=0.2),
+    lambda: losses.TripletMarginLoss(margin=0.2, smooth_loss=True),
+    lambda: losses.TripletMarginLoss(margin=0.2, distance=distances.CosineSimilarity()),
+])
+@pytest.mark.parametrize("flat", [0.0, 2.0])  # never / always the gathered triplets
+def test_dense_triplet_by_gathered_triplets_equals_pml(monkeypatch, make, flat):
+    """The dense Triplet path on a long-tailed batch, through the [B, P, B] box or the triplets'
+    flat indices, gives what PML computes through its index lists (values and gradients)."""
+    import pml_ext.losses.embedding_expansion_loss as L
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    monkeypatch.setattr(L, "_FLAT_TRIPLETS", flat)
+    F.embedding_expansion._LAYOUT_CACHE.clear()
+    x, y = batch(seed=18, classes=(0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 4))
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    dense = EmbeddingExpansionLoss(make())(x1, y)
+    generic = EmbeddingExpansionLoss(make())(x2, y, lmu.get_all_triplets_indices(y))
+    assert dense.item() == pytest.approx(generic.item(), rel=1e-10, abs=1e-12)
+    dense.backward()
+    generic.backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-10)
+    F.embedding_expansion._LAYOUT_CACHE.clear()

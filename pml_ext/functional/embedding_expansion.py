@@ -8,7 +8,6 @@ matrix costs gathers and a few multiply-adds per entry instead of another matrix
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -356,118 +355,6 @@ def expanded_pair_values(
     return _pair_values_from_gram(x @ x.t(), ex, rows, cols, normalize, kind, distance.power)
 
 
-class BatchLayout:
-    """Everything about a batch that depends only on which samples share a class.
-
-    Built once per label pattern and cached (:func:`batch_layout`): for a PML sampler such as
-    ``MPerClassSampler`` the pattern repeats every batch even though the classes change, so a
-    training step does no index arithmetic. Classes are numbered by first appearance.
-
-    The expanded set is laid out in class slots: ``slots[c, s]`` is the expanded-set index of
-    class c's s-th point (originals first, padding = M), and ``weights[c, s]`` expresses that
-    point over class c's originals ``originals[c]`` (padding = B): every inner product between
-    two classes' expanded sets is ``weights[c] · G[c, d] · weights[d]ᵀ`` with G[c, d] the
-    k x k block of the originals' Gram matrix.
-    """
-
-    _BLOCKED = ("slots", "weights", "valid_slot", "synthetic_slot", "original_slot", "has_synthetic",
-                "row_base", "col_base")
-
-    def __init__(self, classes: torch.Tensor, num_classes: int, ex: ExpandedSet):
-        b, device = ex.num_originals, classes.device
-        self.classes, self.num_classes, self.expanded = classes, num_classes, ex
-        c = num_classes
-        self.first_index = _first_positions(classes, c)
-        self._original_slots = _class_slots(classes, c)  # [C, k]
-        self.originals = self._original_slots.flatten().clamp(max=max(b - 1, 0))
-        # points of each class's expanded set, K_c: what the search's cost follows
-        self.class_sizes = torch.bincount(classes[ex.first], minlength=c)
-        self.class_eye = torch.eye(c, dtype=torch.bool, device=device)
-        self.pair_index = classes[:, None] * c + classes[None, :]
-        self.negative = classes[:, None] != classes[None, :]
-        self.positive = ~self.negative & ~torch.eye(b, dtype=torch.bool, device=device)  # same class, i != j
-        self._extras: dict = {}
-
-    def __getattr__(self, name):
-        # the padded [C, K] slot structures are built on first use: the grouped search
-        # (embedding_expansion_groups) does not need them
-        if name == "slots":
-            m = self.expanded.labels.numel()
-            self.slots = _class_slots(self.classes[self.expanded.first] if m else self.classes, self.num_classes)
-            return self.slots
-        if name in BatchLayout._BLOCKED:
-            self._build_blocked()
-            return self.__dict__[name]
-        raise AttributeError(name)
-
-    def _build_blocked(self) -> None:
-        ex, classes, c = self.expanded, self.classes, self.num_classes
-        b, m, device = ex.num_originals, ex.labels.numel(), classes.device
-        originals = self._original_slots
-        k = originals.shape[1]
-        kk = self.slots.shape[1]  # [C, K]
-        valid = self.slots < m
-        self.valid_slot = None if bool(valid.all()) else valid
-        flat = self.slots.flatten().clamp(max=max(m - 1, 0))
-        # position of every original inside its class's k original slots
-        position = torch.zeros(b + 1, dtype=torch.long, device=device)
-        position[originals.flatten()] = torch.arange(k, device=device).repeat(c)
-        w = torch.zeros(c * kk, k, dtype=ex.w_first.dtype, device=device)
-        ok = valid.flatten().to(w.dtype)
-        w.scatter_add_(1, position[ex.first[flat]][:, None], (ex.w_first[flat] * ok)[:, None])
-        w.scatter_add_(1, position[ex.second[flat]][:, None], (ex.w_second[flat] * ok)[:, None])
-        self.weights = w.view(c, kk, k)
-        self.synthetic_slot = ex.is_synthetic[flat].view(c, kk) & valid
-        self.original_slot = (self.slots < b) & valid
-        self.has_synthetic = bool(self.synthetic_slot.any())
-        # [C, C] base offsets of class x's and class y's slots in the flattened [C·K] layout
-        self.row_base = (torch.arange(c, device=device) * kk)[:, None]
-        self.col_base = (torch.arange(c, device=device) * kk)[None, :]
-
-    def extra(self, name: str, build):
-        """A per-layout cache for structures the losses derive from the label pattern."""
-        if name not in self._extras:
-            self._extras[name] = build(self)
-        return self._extras[name]
-
-
-_LAYOUT_CACHE: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
-_LAYOUT_CACHE_SIZE = 8  # each holds a few [B, B] index tensors (plus the triplet lists when used)
-
-
-def _first_positions(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[C] position of each class's first sample."""
-    b = classes.numel()
-    return torch.full((num_classes,), b, dtype=torch.long, device=classes.device).scatter_reduce(
-        0, classes, torch.arange(b, device=classes.device), "amin")
-
-
-def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """Class index of every sample, classes numbered in order of first appearance."""
-    _, inverse = torch.unique(labels, return_inverse=True)
-    c = int(inverse.max()) + 1 if labels.numel() else 0
-    first = _first_positions(inverse, c)
-    rank = torch.empty_like(first)
-    rank[first.argsort()] = torch.arange(c, device=labels.device)
-    return rank[inverse], c
-
-
-def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
-                 dtype: torch.dtype = torch.float32) -> BatchLayout:
-    """The :class:`BatchLayout` of a batch's labels, cached by label pattern (LRU, 8 entries)."""
-    classes, c = first_appearance_classes(labels)
-    key = (classes.cpu().numpy().tobytes(), n_points, pairs, str(labels.device), dtype)
-    layout = _LAYOUT_CACHE.get(key)
-    if layout is None:
-        layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
-        _LAYOUT_CACHE[key] = layout
-        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-            _LAYOUT_CACHE.popitem(last=False)
-    else:
-        _LAYOUT_CACHE.move_to_end(key)
-    return layout
-
-
 class HardestPairs(NamedTuple):
     hardest: torch.Tensor  # [C, C] differentiable
     rows: torch.Tensor  # [C, C] expanded-set index of the first point of the hardest pair
@@ -475,8 +362,13 @@ class HardestPairs(NamedTuple):
     best: torch.Tensor  # [C, C] detached search value of the hardest pair (see search_inverted)
     best_originals: Optional[torch.Tensor]  # [C, C] the same over originals only (if asked for)
     search_inverted: bool  # True when larger search values are harder
-    slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
+    layout: "BatchLayout"  # the label pattern searched
     originals_mat: torch.Tensor  # [B, B] the distance on the batch, differentiable
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """[C, K] expanded-set index of each class slot (padding = M), built on first use."""
+        return self.layout.slots
 
 
 class _Gram(torch.autograd.Function):
@@ -493,110 +385,11 @@ class _Gram(torch.autograd.Function):
         return (g + g.t()).to(x.dtype) @ x  # differentiable ops: double backward still works
 
 
-def _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean: bool, power):
-    """The selected pairs' values from their inner product r and squared norms n_r, n_c (before
-    EE Eq. 2): s = n^(-1/2) for a normalised synthetic point (1 otherwise), inner = r·s_r·s_c;
-    Euclidean: sqrt(n̂_r + n̂_c − 2·inner) with n̂ = 1 for normalised points; then the power.
-    Returns (value, saved) with ``saved`` what :func:`_pair_chain_backward` needs."""
-    s_r = torch.where(syn_r, _safe_inverse(safe_sqrt(n_r)), torch.ones_like(n_r))
-    s_c = torch.where(syn_c, _safe_inverse(safe_sqrt(n_c)), torch.ones_like(n_c))
-    base = r * s_r * s_c
-    if euclidean:
-        base = safe_sqrt((n_r * s_r * s_r + n_c * s_c * s_c - 2 * base).masked_fill(same, 0))
-    return (base**power if power != 1 else base), (syn_r, syn_c, r, s_r, s_c, base)
-
-
-def _pair_chain_backward(u, syn_r, syn_c, r, s_r, s_c, base, euclidean: bool, power):
-    """Gradients of :func:`_pair_chain`'s value with respect to r, n_r and n_c."""
-    if power != 1:
-        u = u * power * base ** (power - 1)
-    zero = torch.zeros_like(u)
-    if euclidean:
-        u_d2 = u * 0.5 * torch.where(base > 0, 1 / base.clamp_min(torch.finfo(base.dtype).tiny), zero)
-        u_inner = -2 * u_d2
-        u_nr, u_nc = torch.where(syn_r, zero, u_d2), torch.where(syn_c, zero, u_d2)  # n̂ = 1: constant
-    else:
-        u_inner, u_nr, u_nc = u, zero, zero
-    u_r = u_inner * s_r * s_c
-    # d s/d n = -s³/2 (s = 0 for a zero-norm point: no gradient)
-    u_nr = u_nr - torch.where(syn_r, 0.5 * s_r**3 * u_inner * r * s_c, zero)
-    u_nc = u_nc - torch.where(syn_c, 0.5 * s_c**3 * u_inner * r * s_r, zero)
-    return u_r, u_nr, u_nc
-
-
-class _SelectedPairValues(torch.autograd.Function):
-    """The distance of the selected pair of every class pair, from the class-blocked Gram matrix.
-
-    Inputs: ``gs`` [C, k, C, k] Gram blocks; ``wr``/``wc`` [C, C, k] the selected points'
-    weights over their classes' originals (row point in class x, column point in class y);
-    ``syn_r``/``syn_c`` [C, C] whether that point is an L2-normalised synthetic point (EE Eq. 2);
-    ``same`` [C, C] the pair is one point. With r = wrᵀ G_xy wc and n = wᵀ G_xx w, the value is
-    :func:`_pair_chain`. The backward writes the three k x k outer products of each pair into its
-    Gram blocks directly, a fixed handful of batched ops (autograd through the same formula
-    needed ~90 small ops).
-    """
-
-    @staticmethod
-    def forward(ctx, gs, wr, wc, syn_r, syn_c, same, euclidean: bool, power):
-        gsp = gs.permute(0, 2, 1, 3)  # [x, y, i, j]
-        r = (wr.unsqueeze(-2) @ gsp @ wc.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        gcc = torch.diagonal(gs, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k]
-        n_r = (torch.bmm(wr, gcc) * wr).sum(-1)
-        wct = wc.transpose(0, 1)  # [y, x, k]
-        n_c = (torch.bmm(wct, gcc) * wct).sum(-1).t()
-        value, saved = _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean, power)
-        ctx.save_for_backward(wr, wc, *saved)
-        ctx.euclidean, ctx.power = euclidean, power
-        return value
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, u):
-        wr, wc, *saved = ctx.saved_tensors
-        u_r, u_nr, u_nc = _pair_chain_backward(u, *saved, ctx.euclidean, ctx.power)
-        grad = (u_r[..., None, None] * wr[..., :, None] * wc[..., None, :]).permute(0, 2, 1, 3).contiguous()
-        wct = wc.transpose(0, 1)  # [y, x, k]
-        diag = (torch.bmm((wr * u_nr[..., None]).transpose(1, 2), wr)
-                + torch.bmm((wct * u_nc.t()[..., None]).transpose(1, 2), wct))  # [C, k, k]
-        torch.diagonal(grad, dim1=0, dim2=2).add_(diag.permute(1, 2, 0))
-        return grad, None, None, None, None, None, None, None
-
-
-_SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient search block, in entries (1 MB in float32)
-# "auto": the blocked search below or the grouped one (embedding_expansion_groups), whichever the
-# cost model expects cheaper for the label pattern; "blocked" / "groups" force one (tests)
+_SEARCH_CHUNK_ENTRIES = 1 << 17  # bound on the transient search block, in entries (512 kB in float32)
+# "auto": the blocked search (embedding_expansion_blocked) or the grouped one
+# (embedding_expansion_groups), whichever the cost model expects cheaper for the label pattern;
+# "blocked" / "groups" force one (tests)
 _SEARCH = "auto"
-
-
-def _search_class_pairs(block, c: int, kk: int, inverted: bool, valid: Optional[torch.Tensor],
-                        originals: Optional[torch.Tensor]):
-    """Best slot pair of every class pair over a search tensor produced in row-class chunks.
-
-    ``block(lo, hi)`` returns the search values of row classes lo..hi-1 as [h, C, K, K] with the
-    last two dimensions swapped ([x, y, q, p]: slot q of column class y, slot p of row class x).
-    Chunks bound the transient memory to ``_SEARCH_CHUNK_ENTRIES`` (a loop over memory chunks,
-    one iteration for usual batches). Returns (p, q, best, best over originals only or None).
-    """
-    worst = float("-inf") if inverted else float("inf")
-    reduce = torch.max if inverted else torch.min
-    step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, c * kk * kk))
-    ps, qs, bests, orig_bests = [], [], [], []
-    for lo in range(0, c, step):
-        hi = min(c, lo + step)
-        vals = block(lo, hi)
-        if valid is not None:
-            keep = valid[None, :, :, None] & valid[lo:hi, None, None, :]
-            vals = vals.masked_fill(~keep, worst)
-        best, flat = reduce(vals.reshape(hi - lo, c, kk * kk), dim=2)
-        ps.append(flat % kk)
-        qs.append(torch.div(flat, kk, rounding_mode="floor"))
-        bests.append(best)
-        if originals is not None:
-            keep = originals[None, :, :, None] & originals[lo:hi, None, None, :]
-            orig_bests.append(reduce(vals.masked_fill(~keep, worst).reshape(hi - lo, c, kk * kk), dim=2).values)
-        del vals  # before the next chunk is made
-    return (torch.cat(ps), torch.cat(qs), torch.cat(bests),
-            torch.cat(orig_bests) if originals is not None else None)
 
 
 def hardest_negative_pairs(
@@ -619,89 +412,24 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
                                      normalize: bool = True, originals_best: bool = False) -> HardestPairs:
     """EE's hard negative pair mining (§3.2) on a :class:`BatchLayout`.
 
-    The search runs without autograd. Every synthetic point is a combination of its own class's
-    originals, so the inner products between the expanded sets of classes x and y are
-    ``W_x G_xy W_yᵀ`` with W [K, k] per class: two batched products with inner dimension k
-    (points per class), not B, then one min/max per class pair over a [C, C, K·K] view. The
-    gradient flows only through the C² selected pairs, recomputed from the Gram matrix (one
-    B x B x d product serves the search, the selected values and the batch's own matrix). When
-    every point is on the unit sphere (L2-normalising Lp distance, ``normalize=True``), the
-    Euclidean distance decreases with the inner product, so the search runs on the inner
-    products themselves (``search_inverted=True``) without square roots. ``originals_best``
-    also returns the best value per class pair over originals only (the miner's statistics).
+    The search runs without autograd, by the blocked search
+    (:func:`~pml_ext.functional.embedding_expansion_blocked.hardest_in_blocks`) or the grouped
+    one (:func:`~pml_ext.functional.hardest_negative_pairs_in_groups`), whichever the cost model
+    (:func:`~pml_ext.functional.use_groups`) expects cheaper for the label pattern; any distance
+    that is not an inner-product one searches its explicit [M, M] matrix. The gradient flows only
+    through the C² selected pairs, recomputed from the Gram matrix. ``originals_best`` also
+    returns the best value per class pair over originals only (the miner's statistics).
     """
+    from . import embedding_expansion_blocked as blocked
+
     kind = gram_kind(distance)
     if kind is None:
-        return _hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
+        return blocked.hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
     from .embedding_expansion_groups import hardest_negative_pairs_in_groups, use_groups
 
     if _SEARCH == "groups" or (_SEARCH == "auto" and use_groups(layout)):
         return hardest_negative_pairs_in_groups(embeddings, layout, distance, kind, normalize, originals_best)
-    slots = layout.slots
-    c, kk, k = layout.weights.shape
-    x = distance.maybe_normalize(embeddings)
-    gram = _Gram.apply(x)
-    gs = gram.index_select(0, layout.originals).index_select(1, layout.originals).view(c, k, c, k)
-    w = layout.weights.to(gram.dtype)
-    normalizing = normalize and layout.has_synthetic
-    with torch.no_grad():
-        gs_d = gs.detach()
-        gcc = torch.diagonal(gs_d, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k] within-class blocks
-        sq = ((w @ gcc) * w).sum(-1)  # [C, K] squared norms before EE Eq. 2
-        wn = w
-        if normalizing:
-            scale = torch.where(layout.synthetic_slot, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
-            wn, sq = w * scale[..., None], sq * scale * scale
-        # t[a, (b, s), j] = Σ_i wn[b, s, i] G[b, i, a, j]: slot s of class b against original j of a
-        t = torch.bmm(wn, gs_d.reshape(c, k, c * k)).view(c * kk, c, k).transpose(0, 1)
-        wnt = wn.transpose(1, 2)  # [a, j, u]
-        valid = layout.valid_slot
-        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
-                     and bool(((sq > 0.5) if valid is None else ((sq > 0.5) | ~valid)).all()))
-        inverted = True if on_sphere else distance.is_inverted
-
-        def block(lo, hi):
-            # r[a, b, s, u] = <slot s of class b, slot u of class a>: row class a, column class b,
-            # column slot s, row slot u, the [x, y, q, p] layout _search_class_pairs reads
-            r = torch.bmm(t[lo:hi], wnt[lo:hi]).view(hi - lo, c, kk, kk)
-            if on_sphere:
-                return r
-            if kind == "euclidean":
-                r = safe_sqrt(sq[None, :, :, None] + sq[lo:hi, None, None, :] - 2 * r)
-            return r**distance.power if distance.power != 1 else r
-
-        p_slot, q_slot, best, best_orig = _search_class_pairs(
-            block, c, kk, inverted, valid, layout.original_slot if originals_best else None)
-        ri, ci = layout.row_base + p_slot, layout.col_base + q_slot  # [C, C] flat slot indices
-        wr, wc = w.view(c * kk, k)[ri], w.view(c * kk, k)[ci]  # [C, C, k]
-        if normalizing:
-            syn = layout.synthetic_slot.view(-1)
-            syn_r, syn_c = syn[ri], syn[ci]
-        else:
-            syn_r = syn_c = torch.zeros_like(p_slot, dtype=torch.bool)
-        same_point = layout.class_eye & (p_slot == q_slot)
-    hardest = _SelectedPairValues.apply(gs, wr, wc, syn_r, syn_c, same_point, kind == "euclidean",
-                                        distance.power)
-    flat_slots = slots.view(-1)
-    return HardestPairs(hardest, flat_slots[ri], flat_slots[ci], best, best_orig, inverted, slots,
-                        _mat_from_gram(gram, kind, distance.power))
-
-
-def _hardest_from_full_matrix(embeddings, layout: BatchLayout, distance, normalize, originals_best=False
-                              ) -> HardestPairs:
-    """Any other distance: its full [M, M] matrix over the explicit expanded set."""
-    ex, slots, b = layout.expanded, layout.slots, layout.expanded.num_originals
-    c, kk = slots.shape
-    mat = expanded_distance_matrix(embeddings, ex, distance, normalize)
-    with torch.no_grad():
-        search = _in_slot_order(mat.detach(), slots).view(c, kk, c, kk).permute(0, 2, 3, 1)  # [x, y, q, p]
-        inverted = distance.is_inverted
-        p_slot, q_slot, best, best_orig = _search_class_pairs(
-            lambda lo, hi: search[lo:hi], c, kk, inverted, layout.valid_slot,
-            layout.original_slot if originals_best else None)
-        flat_slots = slots.view(-1)
-        rows, cols = flat_slots[layout.row_base + p_slot], flat_slots[layout.col_base + q_slot]
-    return HardestPairs(mat[rows, cols], rows, cols, best, best_orig, inverted, slots, mat[:b, :b])
+    return blocked.hardest_in_blocks(embeddings, layout, distance, kind, normalize, originals_best)
 
 
 def hardened_pair_matrix(
@@ -716,3 +444,14 @@ def hardened_pair_matrix(
     """
     negative = row_classes[:, None] != col_classes[None, :]
     return torch.where(negative, hardest[row_classes[:, None], col_classes[None, :]], mat)
+
+
+# the label-pattern layouts live in their own module; imported last (it builds on the above)
+from .embedding_expansion_layouts import (  # noqa: E402
+    _LAYOUT_CACHE,
+    BatchLayout,
+    _first_positions,
+    _same_pattern,
+    batch_layout,
+    first_appearance_classes,
+)

@@ -17,12 +17,14 @@ k + n·k(k−1)/2 points, so one large class sets K for all. Here the cost follo
   classes in different groups is searched once (from the smaller class's group), and a class
   alone in its group is not searched against itself (no loss reads the diagonal);
 - stage 2: for every class pair, the best row point (two scatter reductions over [C, M]);
-- stage 3: the C·M values of those row points against every point of the column class give the
-  column point; pairs searched from the other side are mirrored.
+- stage 3: the chosen points against every point of the other class of their pair give the other
+  point (one batched product per group over each class's originals, C·M values in all); pairs
+  searched from the other side are mirrored.
 
 :func:`use_groups` chooses between the two searches per batch from the label pattern alone (a
 cost model of both searches' entries and fixed work). The gradient flows only through the C²
-selected pairs, from the endpoints of their points (:class:`_SelectedEndpointValues`).
+selected pairs, from the endpoints of their points
+(:func:`~pml_ext.functional.embedding_expansion_pairs.selected_pair_values`).
 """
 from __future__ import annotations
 
@@ -32,16 +34,8 @@ import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import (
-    HardestPairs,
-    _Gram,
-    _mat_from_gram,
-    _pair_chain,
-    _pair_chain_backward,
-    _safe_inverse,
-    _sq_norms,
-    safe_sqrt,
-)
+from .embedding_expansion import HardestPairs, _Gram, _mat_from_gram, _sq_norms, safe_sqrt
+from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
 
@@ -50,13 +44,12 @@ __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_n
 # the same in both searches (~1 ns, batched products), the grouped search has ~0.4 ms more fixed
 # work (stage 2/3, the ordering) and each group adds a few small operations; a padded blocked
 # search (classes of unequal size) masks its padding and costs ~4x per entry; each memory chunk of
-# the blocked search costs ~0.1 ms more.
-_BLOCKED_ENTRY_COST = 1.0
+# the blocked search costs ~0.1 ms more. Equal classes always take the blocked search (no padding).
 _BLOCKED_PADDED_ENTRY_COST = 4.0
 _BLOCKED_CHUNK_COST = 100_000
 _GROUPED_FIXED_COST = 400_000
 _GROUP_COST = 50_000
-_SEARCH_CHUNK_ENTRIES = 1 << 18  # bound on the transient stage-1 block, in entries (1 MB in float32)
+_SEARCH_CHUNK_ENTRIES = 1 << 17  # bound on the transient stage-1 block, in entries (512 kB in float32)
 
 
 class ClassGroup(NamedTuple):
@@ -215,8 +208,10 @@ def _choose(layout) -> bool:
     if c == 0 or m == 0:
         return False
     kk = int(sizes.max())
+    if int(sizes.min()) == kk:
+        return False  # equal classes: the blocked search has no padding, and less fixed work
     k = int(torch.bincount(layout.classes, minlength=c).max())
-    per_entry = _BLOCKED_ENTRY_COST if int(sizes.min()) == kk else _BLOCKED_PADDED_ENTRY_COST
+    per_entry = _BLOCKED_PADDED_ENTRY_COST
     blocked = per_entry * (c * kk) * (c * kk + c * k)  # the [C, C, K, K] search and W·G
     classes_per_chunk = max(1, _ee._SEARCH_CHUNK_ENTRIES // max(1, c * kk * kk))
     blocked += _BLOCKED_CHUNK_COST * -(-c // classes_per_chunk)
@@ -225,45 +220,6 @@ def _choose(layout) -> bool:
         return False
     groups = class_groups(layout)
     return groups.entries() + _GROUP_COST * len(groups.groups) + _GROUPED_FIXED_COST < blocked
-
-
-class _SelectedEndpointValues(torch.autograd.Function):
-    """The distance of selected expanded-point pairs from the originals' Gram matrix.
-
-    ``ends`` [4, ...]: the row point's two originals, then the column point's; ``weights`` [4, ...]
-    their weights (EE Eq. 1, before Eq. 2's scaling); ``syn_r``/``syn_c``: the point is an
-    L2-normalised synthetic point; ``same``: the pair is one point. With r the pair's inner
-    product and n each point's squared norm (a few Gram entries each), the value is
-    ``_pair_chain``; the backward adds the ten weighted Gram entries' gradients in one index_put.
-    """
-
-    @staticmethod
-    def forward(ctx, gram, ends, weights, syn_r, syn_c, same, euclidean: bool, power):
-        er, ec, wr, wc = ends[:2], ends[2:], weights[:2], weights[2:]  # [2, ...] each
-        # r = Σ_αβ wr_α wc_β G[er_α, ec_β]; n = Σ_αβ w_α w_β G[e_α, e_β] for each point
-        r = (gram[er[:, None], ec[None, :]] * (wr[:, None] * wc[None, :])).sum((0, 1))
-        n_r = (gram[er[:, None], er[None, :]] * (wr[:, None] * wr[None, :])).sum((0, 1))
-        n_c = (gram[ec[:, None], ec[None, :]] * (wc[:, None] * wc[None, :])).sum((0, 1))
-        value, saved = _pair_chain(r, n_r, n_c, syn_r, syn_c, same, euclidean, power)
-        ctx.save_for_backward(ends, weights, *saved)
-        ctx.euclidean, ctx.power, ctx.gram_shape = euclidean, power, gram.shape
-        return value
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, u):
-        ends, weights, *saved = ctx.saved_tensors
-        u_r, u_nr, u_nc = _pair_chain_backward(u, *saved, ctx.euclidean, ctx.power)
-        er, ec, wr, wc = ends[:2], ends[2:], weights[:2], weights[2:]
-        rows = torch.cat([er[:, None].expand(2, 2, *u.shape), er[:, None].expand(2, 2, *u.shape),
-                          ec[:, None].expand(2, 2, *u.shape)])
-        cols = torch.cat([ec[None, :].expand(2, 2, *u.shape), er[None, :].expand(2, 2, *u.shape),
-                          ec[None, :].expand(2, 2, *u.shape)])
-        vals = torch.cat([u_r * wr[:, None] * wc[None, :], u_nr * wr[:, None] * wr[None, :],
-                          u_nc * wc[:, None] * wc[None, :]])
-        grad = torch.zeros(ctx.gram_shape, dtype=u.dtype, device=u.device)
-        grad.index_put_((rows.flatten(), cols.flatten()), vals.flatten(), accumulate=True)
-        return grad, None, None, None, None, None, None, None
 
 
 def _segment_best(values, segment, num_segments, inverted, worst):
@@ -287,9 +243,10 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
 
     Stage 1 computes, group by group, only the best value of each class against every later
     point (values, no indices: a plain reduction over the slots). Stage 2 finds, for every class
-    pair, the best row point from that [C, M] table; stage 3 recomputes the C·M values of those
-    row points against every point of the column class to find the column point. Pairs searched
-    from the other side are mirrored (the search values are symmetric).
+    pair, the best point on one side from that [C, M] table; stage 3 computes, group by group, the
+    values of those points against every point of the other class (C·M values in all) to find the
+    point on the other side. Pairs searched from the other side are mirrored (the search values
+    are symmetric).
     """
     ex, c = layout.expanded, layout.num_classes
     m = ex.labels.numel()
@@ -306,7 +263,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
         sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
         scale = None
         if normalizing:
-            scale = torch.where(grouped.synthetic, _safe_inverse(safe_sqrt(sq)), torch.ones_like(sq))
+            scale = synthetic_scale(sq, grouped.synthetic)
             wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
         on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
                      and bool((sq > 0.5).all()))
@@ -316,42 +273,54 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
         gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
 
         def transform(r, sq_q, sq_p):
+            """Search values from inner products; ``sq_q``/``sq_p`` give the squared norms (called
+            only for Euclidean values off the sphere)."""
             if on_sphere:
                 return r
             if kind == "euclidean":
-                r = safe_sqrt(sq_q + sq_p - 2 * r)
+                r = safe_sqrt(sq_q() + sq_p() - 2 * r)
             return r**distance.power if distance.power != 1 else r
 
-        def against(g: ClassGroup, lo: int, hi: int):
+        def group_weights(g: ClassGroup) -> torch.Tensor:
+            """[C_g, K_g, k_g] the group's points over their classes' originals, EE Eq. 2 included."""
+            w = g.weights.to(gd.dtype)
+            return w if scale is None else w * scale[g.slots][..., None]
+
+        def against(g: ClassGroup, w: torch.Tensor, lo: int, hi: int):
             """Search values of classes lo..hi-1 of group g against positions g.row_start..M-1,
             [classes, K_g, positions]: a batched product over each class's originals."""
-            w = g.weights[lo:hi].to(gd.dtype)
-            if scale is not None:
-                w = w * scale[g.slots[lo:hi]][..., None]
             k = w.shape[2]
             rows = gt[:, g.row_start:].index_select(0, g.originals[lo * k:hi * k]).view(hi - lo, k, -1)
-            return transform(torch.bmm(w, rows), sq[g.slots[lo:hi]][..., None], sq[g.row_start:])
+            return transform(torch.bmm(w[lo:hi], rows), lambda: sq[g.slots[lo:hi]][..., None],
+                             lambda: sq[g.row_start:])
 
-        def pairwise(q, p):
-            """Search values of the position pairs (q, p), broadcast."""
-            return transform(gt[f[q], p] * wf[q] + gt[s[q], p] * ws[q], sq[q], sq[p])
+        def best_points(g: ClassGroup, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            """[C_g, C] the first point (a position) of each class of g that is best against
+            ``targets[c, y]``, one point per class y: a batched product over each class's originals."""
+            cg, k = w.shape[0], w.shape[2]
+            lin = g.originals.view(cg, k, 1) * m + targets[:, None, :]  # gt[original, target]
+            r = torch.bmm(gt.reshape(-1)[lin].transpose(1, 2), w.transpose(1, 2))  # [C_g, C, K_g]
+            vals = transform(r, lambda: sq[targets][..., None], lambda: sq[g.slots][:, None, :])
+            _, slot = (torch.max if inverted else torch.min)(vals, dim=2)
+            return g.slots.gather(1, slot)
 
         reduce = torch.amax if inverted else torch.amin
         best_cp = gd.new_full((c, m), worst)  # best value of each class's points against each point
-        for g in grouped.groups:
-            if g.row_start == m:
-                continue  # the last, largest class alone: its pairs were searched from the other side
+        searched = [g for g in grouped.groups if g.row_start < m]  # the last, largest class alone:
+        weights = [group_weights(g) for g in searched]  # its pairs were searched from the other side
+        for g, w in zip(searched, weights):
             cg, kg = g.slots.shape
             step = max(1, _SEARCH_CHUNK_ENTRIES // max(1, kg * (m - g.row_start)))
             for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
-                best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, lo, min(cg, lo + step)), dim=1)
+                best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, w, lo, min(cg, lo + step)), dim=1)
         # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
         best_yx, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
-        # stage 3: every point q of class y against the row point chosen for (x, y); the first best q
-        q = torch.arange(m, device=gd.device)[:, None]
-        _, cols = _segment_best(pairwise(q, rows_yx.index_select(0, point_class)).t(), point_class, c,
-                                inverted, worst)  # [x, y]
-        rows = rows_yx.t()
+        # stage 3: every point of class x against the point of y chosen for (x, y): the first best
+        # one, group by group (a class searched only from the other side is skipped: never read)
+        cols = torch.zeros_like(rows_yx)  # [x, y], transposed below
+        for g, w in zip(searched, weights):
+            cols[g.classes] = best_points(g, w, rows_yx.index_select(0, g.classes))
+        rows, cols = rows_yx.t(), cols.t()
         # pairs searched from the other side are mirrored; a class alone in its group is paired with
         # its first point on the diagonal
         direct, mirror, first = grouped.direct, grouped.mirror, grouped.first_position
@@ -359,22 +328,24 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
                       torch.where(direct, cols, torch.where(mirror, rows.t(), first[None, :])))
         best = torch.where(direct, best_yx.t(), best_yx)
         if bool(grouped.alone.any()):
-            self_value = transform(sq[first], sq[first], sq[first])
+            self_value = transform(sq[first], lambda: sq[first], lambda: sq[first])
             best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
-        syn = grouped.synthetic & normalizing
-        ends = torch.cat([grouped.endpoints[:, rows], grouped.endpoints[:, cols]])
-        weights = torch.cat([endpoint_weights[:, rows], endpoint_weights[:, cols]])
-        syn_r, syn_c, same = syn[rows], syn[cols], rows == cols
+        idx = torch.stack([rows, cols])  # [2, C, C] positions of the row and the column point
+        ends = grouped.endpoints[:, idx].transpose(0, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
+        wsel = torch.stack([wf, ws])[:, idx].transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
+        sqn = sq[idx]
+        syn = grouped.synthetic[idx] if normalizing else torch.zeros_like(idx, dtype=torch.bool)
+        same = rows == cols
         rows, cols = order[rows], order[cols]
-    hardest = _SelectedEndpointValues.apply(gram, ends, weights, syn_r, syn_c, same, kind == "euclidean",
-                                            distance.power)
-    return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout.slots,
+    hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], same, kind, distance.power)
+    return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))
 
 
 def _originals_best(gd, classes, c, transform, inverted, worst):
     """Best search value of every class pair over originals only, [C, C] (the miner's statistics)."""
     sq = torch.diagonal(gd)
-    per_point, _ = _segment_best(transform(gd, sq[:, None], sq[None, :]), classes, c, inverted, worst)  # [B, y]
+    per_point, _ = _segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
+                                 worst)  # [B, y]
     return _segment_best(per_point.t(), classes, c, inverted, worst)[0].t()

@@ -23,9 +23,13 @@ class HardenedBatch(NamedTuple):
     expanded: F.ExpandedSet
     best: torch.Tensor  # [C, C] detached search value of the hardest pair (see search_inverted)
     search_inverted: bool  # larger search values are harder
-    slots: torch.Tensor  # [C, K] expanded-set index of each slot (padding = M)
     originals_mat: torch.Tensor  # [B, B] the distance on the batch (has grad)
     layout: F.BatchLayout  # the label-pattern structures (cached across batches)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """[C, K] expanded-set index of each class slot (padding = M), built on first use."""
+        return self.layout.slots
 
     def hardened_matrix(self) -> torch.Tensor:
         """The batch's own [B, B] matrix with every negative pair's value replaced by the hardest
@@ -122,7 +126,7 @@ class EmbeddingExpansionMiner(BaseMiner):
         if record_on.collect_stats:
             _record_stats(record_on, hp, layout)
         return HardenedBatch(layout.classes, labels[layout.first_index], hp.hardest, hp.rows, hp.cols, ex,
-                             hp.best, hp.search_inverted, hp.slots, hp.originals_mat, layout)
+                             hp.best, hp.search_inverted, hp.originals_mat, layout)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels) -> Tuple[torch.Tensor, ...]:
         if ref_emb is embeddings:

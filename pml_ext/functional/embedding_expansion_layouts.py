@@ -1,0 +1,244 @@
+"""Label-pattern layouts of EE's expanded set (Ko & Gu, CVPR 2020), built once per pattern.
+
+:class:`BatchLayout` holds everything about a batch that depends only on which samples share a
+class, and :func:`batch_layout` caches it by label pattern. A balanced batch (every class with k
+samples) in a new order is a new label pattern, so its layout would be built from scratch every
+step. But sorting the batch by class (stable) gives the canonical pattern ``0…0 1…1 …`` (classes
+numbered by first appearance), and every structure of the layout is that pattern's mapped through
+the sort (:func:`balanced_layout`): batch indices through the permutation, expanded-set indices
+through the order in which the batch lists its synthetic points (``pairs="all"``: same-class pairs
+by batch index, a sort of the mapped pairs; ``"adjacent"``: class by class, as in the canonical
+pattern). The weights and masks over class slots are the canonical ones (a class's originals keep
+their batch order). A few gathers instead of the full construction; tested equal, field by field,
+to the direct construction.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .embedding_expansion import ExpandedSet, _class_slots, expand
+
+__all__ = ["BatchLayout", "batch_layout", "first_appearance_classes"]
+
+
+class BatchLayout:
+    """Everything about a batch that depends only on which samples share a class.
+
+    Built once per label pattern and cached (:func:`batch_layout`): for a PML sampler such as
+    ``MPerClassSampler`` the pattern repeats every batch even though the classes change, so a
+    training step does no index arithmetic. Classes are numbered by first appearance.
+
+    The expanded set is laid out in class slots: ``slots[c, s]`` is the expanded-set index of
+    class c's s-th point (originals first, padding = M), and ``weights[c, s]`` expresses that
+    point over class c's originals ``originals[c]`` (padding = B): every inner product between
+    two classes' expanded sets is ``weights[c] · G[c, d] · weights[d]ᵀ`` with G[c, d] the
+    k x k block of the originals' Gram matrix.
+    """
+
+    _BLOCKED = ("slots", "weights", "valid_slot", "synthetic_slot", "original_slot", "has_synthetic",
+                "row_base", "col_base", "slot_points", "slot_weights")
+
+    def __init__(self, classes: torch.Tensor, num_classes: int, ex: ExpandedSet):
+        self.classes, self.num_classes, self.expanded = classes, num_classes, ex
+        c = num_classes
+        self.first_index = _first_positions(classes, c)
+        self._original_slots = _class_slots(classes, c)  # [C, k]
+        # points of each class's expanded set, K_c: what the search's cost follows
+        self.class_sizes = torch.bincount(classes[ex.first], minlength=c)
+        self._extras: dict = {}
+
+    # built on first use (a new label pattern every step pays only for what its loss and search read)
+    _LAZY = {
+        "originals": lambda self: self._original_slots.flatten().clamp(max=max(self.classes.numel() - 1, 0)),
+        "class_eye": lambda self: torch.eye(self.num_classes, dtype=torch.bool, device=self.classes.device),
+        "pair_index": lambda self: self.classes[:, None] * self.num_classes + self.classes[None, :],
+        "negative": lambda self: self.classes[:, None] != self.classes[None, :],
+        # same class, i != j
+        "positive": lambda self: (self.classes[:, None] == self.classes[None, :]).fill_diagonal_(False),
+    }
+
+    def __getattr__(self, name):
+        # the padded [C, K] slot structures are built on first use: the grouped search
+        # (embedding_expansion_groups) does not need them
+        if name == "slots":
+            m = self.expanded.labels.numel()
+            self.slots = _class_slots(self.classes[self.expanded.first] if m else self.classes, self.num_classes)
+            return self.slots
+        if name in BatchLayout._BLOCKED:
+            self._build_blocked()
+            return self.__dict__[name]
+        if name in BatchLayout._LAZY:
+            value = BatchLayout._LAZY[name](self)
+            setattr(self, name, value)
+            return value
+        raise AttributeError(name)
+
+    def _build_blocked(self) -> None:
+        ex, classes, c = self.expanded, self.classes, self.num_classes
+        b, m, device = ex.num_originals, ex.labels.numel(), classes.device
+        originals = self._original_slots
+        k = originals.shape[1]
+        kk = self.slots.shape[1]  # [C, K]
+        valid = self.slots < m
+        self.valid_slot = None if bool(valid.all()) else valid
+        flat = self.slots.flatten().clamp(max=max(m - 1, 0))
+        # position of every original inside its class's k original slots
+        position = torch.zeros(b + 1, dtype=torch.long, device=device)
+        position[originals.flatten()] = torch.arange(k, device=device).repeat(c)
+        w = torch.zeros(c * kk, k, dtype=ex.w_first.dtype, device=device)
+        ok = valid.flatten()
+        ends = torch.stack([ex.first[flat], ex.second[flat]], 1) * ok[:, None]  # [C·K, 2], padding 0
+        ends_w = torch.stack([ex.w_first[flat], ex.w_second[flat]], 1) * ok[:, None]
+        w.scatter_add_(1, position[ends], ends_w)
+        self.weights = w.view(c, kk, k)
+        # every slot's expanded-set index and its point's two originals (padding: M, 0, 0), and their
+        # weights (EE Eq. 1; padding 0): what the selected pairs' values read
+        self.slot_points = torch.cat([self.slots.reshape(-1, 1), ends], 1)
+        self.slot_weights = ends_w
+        self.synthetic_slot = ex.is_synthetic[flat].view(c, kk) & valid
+        self.original_slot = (self.slots < b) & valid
+        self.has_synthetic = bool(self.synthetic_slot.any())
+        # [C, C] base offsets of class x's and class y's slots in the flattened [C·K] layout
+        self.row_base = (torch.arange(c, device=device) * kk)[:, None]
+        self.col_base = (torch.arange(c, device=device) * kk)[None, :]
+
+    def extra(self, name: str, build):
+        """A per-layout cache for structures the losses derive from the label pattern."""
+        if name not in self._extras:
+            self._extras[name] = build(self)
+        return self._extras[name]
+
+
+_LAYOUT_CACHE: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
+_LAYOUT_CACHE_SIZE = 8  # each holds a few [B, B] index tensors (plus the triplet lists when used)
+
+
+def _first_positions(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[C] position of each class's first sample."""
+    b = classes.numel()
+    return torch.full((num_classes,), b, dtype=torch.long, device=classes.device).scatter_reduce(
+        0, classes, torch.arange(b, device=classes.device), "amin")
+
+
+def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Class index of every sample, classes numbered in order of first appearance."""
+    if labels.device.type == "cpu" and labels.numel():
+        # a handful of NumPy calls on B integers (a new label pattern pays this every step)
+        _, first, inverse = np.unique(labels.numpy(), return_index=True, return_inverse=True)
+        rank = np.empty_like(first)
+        rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+        return torch.from_numpy(rank[inverse.reshape(-1)]), int(first.size)
+    _, inverse = torch.unique(labels, return_inverse=True)
+    c = int(inverse.max()) + 1 if labels.numel() else 0
+    first = _first_positions(inverse, c)
+    rank = torch.empty_like(first)
+    rank[first.argsort()] = torch.arange(c, device=labels.device)
+    return rank[inverse], c
+
+
+def _same_pattern(layout: BatchLayout, labels: torch.Tensor) -> bool:
+    """Whether ``labels`` has the label pattern of ``layout`` (same classes, any class ids): every
+    sample carries its class's first sample's label, and different classes different labels."""
+    if layout.classes.numel() != labels.numel() or labels.numel() == 0:
+        return False
+    if labels.device.type == "cpu":  # a few NumPy calls on B integers
+        first, classes = layout.extra("numpy_pattern", lambda lay: (lay.first_index.numpy(), lay.classes.numpy()))
+        lab = labels.numpy()
+        ids = lab[first]
+        return bool(np.array_equal(ids[classes], lab)) and np.unique(ids).size == ids.size
+    ids = labels[layout.first_index]  # [C] each class's label
+    if not torch.equal(ids[layout.classes], labels):
+        return False
+    ids = ids.sort().values
+    return not bool((ids[1:] == ids[:-1]).any())
+
+
+def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
+                 dtype: torch.dtype = torch.float32) -> BatchLayout:
+    """The :class:`BatchLayout` of a batch's labels, cached by label pattern (LRU, 8 entries)."""
+    if _LAYOUT_CACHE:  # the most recent pattern first: a sampler repeats one pattern every batch
+        key, layout = next(reversed(_LAYOUT_CACHE.items()))
+        if key[1:] == (n_points, pairs, str(labels.device), dtype) and _same_pattern(layout, labels):
+            return layout
+    classes, c = first_appearance_classes(labels)
+    key = (classes.cpu().numpy().tobytes(), n_points, pairs, str(labels.device), dtype)
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is None:
+        layout = balanced_layout(classes, c, n_points, pairs, dtype)  # a balanced batch in any order
+        if layout is None:
+            layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
+        _LAYOUT_CACHE[key] = layout
+        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.popitem(last=False)
+    else:
+        _LAYOUT_CACHE.move_to_end(key)
+    return layout
+
+
+_CANONICAL: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
+_CANONICAL_SIZE = 4
+
+
+def _canonical(c: int, k: int, n_points: int, pairs: str, dtype, device) -> BatchLayout:
+    """The layout of ``0…0 1…1 …`` (c classes of k), its class-slot structures built (cached)."""
+    key = (c, k, n_points, pairs, dtype, str(device))
+    layout = _CANONICAL.get(key)
+    if layout is None:
+        classes = torch.arange(c, device=device).repeat_interleave(k)
+        layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
+        layout.slot_points  # noqa: B018 - builds the class-slot structures once
+        _CANONICAL[key] = layout
+        if len(_CANONICAL) > _CANONICAL_SIZE:
+            _CANONICAL.popitem(last=False)
+    else:
+        _CANONICAL.move_to_end(key)
+    return layout
+
+
+def balanced_layout(classes: torch.Tensor, c: int, n_points: int, pairs: str, dtype) -> Optional[BatchLayout]:
+    """The layout of a balanced batch mapped from its canonical one, or None when the batch is not
+    balanced (then it is built directly). ``classes`` numbers classes by first appearance."""
+    b = classes.numel()
+    if c == 0 or b % c:
+        return None
+    k = b // c
+    if not bool((torch.bincount(classes, minlength=c) == k).all()):
+        return None
+    canon = _canonical(c, k, n_points, pairs, dtype, classes.device)
+    if torch.equal(classes, canon.classes):
+        return canon
+    ex0, device = canon.expanded, classes.device
+    m = ex0.labels.numel()
+    perm = torch.sort(classes, stable=True).indices  # canonical position -> batch index
+    # phi: the batch's expanded-set index -> the canonical one; originals through the inverse sort
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(b, device=device)
+    if pairs == "all" and m > b:
+        # the batch lists its same-class pairs by (i, j) batch index; the canonical list, mapped
+        first_of_pair = ex0.first[b::n_points], ex0.second[b::n_points]
+        order = torch.argsort(perm[first_of_pair[0]] * b + perm[first_of_pair[1]])
+        synthetic = (b + order[:, None] * n_points + torch.arange(n_points, device=device)).reshape(-1)
+    else:
+        synthetic = torch.arange(b, m, device=device)
+    phi = torch.cat([inverse, synthetic])
+    psi = torch.empty(m + 1, dtype=torch.long, device=device)  # canonical -> batch (padding M -> M)
+    psi[phi] = torch.arange(m, device=device)
+    psi[m] = m
+    first, second = perm[ex0.first[phi]], perm[ex0.second[phi]]
+    ex = ExpandedSet(first, second, ex0.w_first[phi], ex0.w_second[phi], classes[first], ex0.is_synthetic, b)
+    layout = BatchLayout.__new__(BatchLayout)
+    layout.__dict__.update(
+        classes=classes, num_classes=c, expanded=ex,
+        _extras={"block_index": perm[:, None] * b + perm[None, :]},  # the Gram matrix in class blocks
+        first_index=perm.view(c, k)[:, 0], _original_slots=perm.view(c, k), class_sizes=canon.class_sizes,
+        slots=psi[canon.slots], weights=canon.weights, valid_slot=canon.valid_slot,
+        synthetic_slot=canon.synthetic_slot, original_slot=canon.original_slot, has_synthetic=canon.has_synthetic,
+        row_base=canon.row_base, col_base=canon.col_base, slot_weights=canon.slot_weights,
+        slot_points=torch.stack([psi[canon.slot_points[:, 0]], perm[canon.slot_points[:, 1]],
+                                 perm[canon.slot_points[:, 2]]], 1),
+    )
+    return layout
