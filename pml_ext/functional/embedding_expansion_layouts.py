@@ -166,17 +166,24 @@ def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
             return layout
     classes, c = first_appearance_classes(labels)
     key = (classes.cpu().numpy().tobytes(), n_points, pairs, str(labels.device), dtype)
-    layout = _LAYOUT_CACHE.get(key)
-    if layout is None:
+
+    def build() -> BatchLayout:
         layout = balanced_layout(classes, c, n_points, pairs, dtype)  # a balanced batch in any order
-        if layout is None:
-            layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
-        _LAYOUT_CACHE[key] = layout
-        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-            _LAYOUT_CACHE.popitem(last=False)
+        return layout if layout is not None else BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
+
+    return _lru_get(_LAYOUT_CACHE, key, _LAYOUT_CACHE_SIZE, build)
+
+
+def _lru_get(cache: "OrderedDict", key: tuple, size: int, build):
+    """``cache[key]``, built by ``build()`` on a miss; the least recently used entry beyond ``size`` goes."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > size:
+            cache.popitem(last=False)
     else:
-        _LAYOUT_CACHE.move_to_end(key)
-    return layout
+        cache.move_to_end(key)
+    return value
 
 
 _CANONICAL: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
@@ -185,18 +192,13 @@ _CANONICAL_SIZE = 4
 
 def _canonical(c: int, k: int, n_points: int, pairs: str, dtype, device) -> BatchLayout:
     """The layout of ``0…0 1…1 …`` (c classes of k), its class-slot structures built (cached)."""
-    key = (c, k, n_points, pairs, dtype, str(device))
-    layout = _CANONICAL.get(key)
-    if layout is None:
+    def build() -> BatchLayout:
         classes = torch.arange(c, device=device).repeat_interleave(k)
         layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
         layout.slot_points  # noqa: B018 - builds the class-slot structures once
-        _CANONICAL[key] = layout
-        if len(_CANONICAL) > _CANONICAL_SIZE:
-            _CANONICAL.popitem(last=False)
-    else:
-        _CANONICAL.move_to_end(key)
-    return layout
+        return layout
+
+    return _lru_get(_CANONICAL, (c, k, n_points, pairs, dtype, str(device)), _CANONICAL_SIZE, build)
 
 
 def balanced_layout(classes: torch.Tensor, c: int, n_points: int, pairs: str, dtype) -> Optional[BatchLayout]:
