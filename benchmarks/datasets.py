@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pml_ext.data.npz_arrays import read_npz_arrays
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -379,19 +381,7 @@ def _read_iconthemes(path: Optional[str]) -> Tuple[str, Dict[str, Any]]:
     if not os.path.isfile(p):
         raise FileNotFoundError(f"IconThemes: dataset file not found: {p} (the repository ships "
                                 "data/iconthemes/iconthemes.npz; rebuild it with benchmarks/build_iconthemes.py)")
-    key = (os.path.abspath(p), os.path.getmtime(p))
-    if key not in _ICON_CACHE:
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as e:  # not an npz / truncated
-            raise ValueError(f"IconThemes: cannot read {p}: {type(e).__name__}: {e}") from e
-        missing = [k for k in _ICON_KEYS if k not in data]
-        if missing:
-            raise ValueError(f"IconThemes: {p} is not an IconThemes file (missing arrays: {', '.join(missing)})")
-        _ICON_CACHE.clear()  # keep at most one file in memory
-        _ICON_CACHE[key] = data
-    return p, _ICON_CACHE[key]
+    return p, read_npz_arrays(p, "IconThemes", _ICON_KEYS, _ICON_CACHE)
 
 
 def _select_iconthemes(data: Dict[str, Any], split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from .npz_arrays import read_npz_arrays
 
 __all__ = [
     "FontGlyphs",
@@ -80,19 +81,7 @@ def _read(path: Optional[PathLike]) -> Tuple[str, Dict[str, Any]]:
             f"FontGlyphs: dataset file not found: {p} (the full set is data/fontglyphs/fontglyphs.npz in the "
             "repository; build it with benchmarks/build_fontglyphs.py, or pass path=None for the embedded subset)"
         )
-    key = (os.path.abspath(p), os.path.getmtime(p))
-    if key not in _CACHE:
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as e:  # not an npz / truncated
-            raise ValueError(f"FontGlyphs: cannot read {p}: {type(e).__name__}: {e}") from e
-        missing = [k for k in _REQUIRED if k not in data]
-        if missing:
-            raise ValueError(f"FontGlyphs: {p} is not a FontGlyphs file (missing arrays: {', '.join(missing)})")
-        _CACHE.clear()  # keep at most one file in memory
-        _CACHE[key] = data
-    return p, _CACHE[key]
+    return p, read_npz_arrays(p, "FontGlyphs", _REQUIRED, _CACHE)
 
 
 def _select(data: Dict[str, Any], split: str, view: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
