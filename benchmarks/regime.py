@@ -171,9 +171,9 @@ def train_run(cfg: Dict[str, Any], fsets: Dict[str, FeatureSet], method: str, lo
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{method}/{loss_name} seed {seed}: loss is {float(loss)} at iteration {it + 1}")
         loss_log.append(float(loss.detach()))
-        stats_log.append(harness._stats(loss_fn))
-        step_log.append(time.perf_counter() - t0)
+        step_log.append(time.perf_counter() - t0)  # the step only: reading the statistics is not timed
         train_seconds += step_log[-1]
+        stats_log.append(harness._stats(loss_fn))
         bar.update(1)
         if (it + 1) % every == 0 or it + 1 == iters:
             checkpoint(it + 1)
@@ -236,14 +236,18 @@ def run_many(cfg, fsets, root: str, runs, progress: bool = True, jobs: int = 1) 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_worker_init, initargs=(cfg,)) as ex:
         futures = {ex.submit(_worker_run, root, *runs[i]): i for i in todo}
+        trained: Dict[int, Dict[str, Any]] = {}
         try:
             for f in as_completed(futures):
-                m, l, hp, s = runs[futures[f]]
-                _print_done(m, l, hp, s, f.result())  # f.result() re-raises a worker's exception here
+                i = futures[f]
+                trained[i] = f.result()  # re-raises a worker's exception here
+                _print_done(*runs[i], trained[i])
         except BaseException:
             ex.shutdown(wait=False, cancel_futures=True)  # fail now, not after the queued runs
             raise
-    return [train_run(cfg, fsets, m, l, s, run_path(root, cfg, m, l, hp, s), hp, False) for m, l, hp, s in runs]
+    # runs finished before this call are read from their result.json
+    return [trained[i] if i in trained else train_run(cfg, fsets, m, l, s, run_path(root, cfg, m, l, hp, s), hp, False)
+            for i, (m, l, hp, s) in enumerate(runs)]
 
 
 def _print_done(method: str, loss: str, hp: Dict[str, Any], seed: int, r: Dict[str, Any]) -> None:
