@@ -450,8 +450,6 @@ def hardened_pair_matrix(
 from .embedding_expansion_layouts import (  # noqa: E402
     _LAYOUT_CACHE,
     BatchLayout,
-    _first_positions,
-    _same_pattern,
     batch_layout,
     first_appearance_classes,
 )
