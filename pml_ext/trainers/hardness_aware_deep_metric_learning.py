@@ -13,7 +13,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.trainers import BaseTrainer
 from pytorch_metric_learning.utils.loss_tracker import LossTracker
 
-from ..losses.hdml_loss import DEFAULT_MAX_SYNTHETIC_TUPLES, HDMLLoss, default_hdml_generator
+from ..losses.hdml_loss import DEFAULT_MAX_SYNTHETIC_TUPLES, HDMLLoss, _check_pos_int, default_hdml_generator
 
 __all__ = ["HardnessAwareDeepMetricLearning"]
 
@@ -45,13 +45,6 @@ def _check_keys(what: str, given: Optional[Iterable[str]], allowed: Iterable[str
             raise ValueError(f"{what} key {k!r} is not one this trainer uses; allowed: {', '.join(allowed)}")
 
 
-def _check_pos_int(name: str, value: Any, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_arguments(models, optimizers, batch_size, loss_funcs, kwargs, hdml_options, sizes) -> None:
     """Every argument error as a ValueError naming the argument, before anything is built."""
     if not isinstance(models, dict) or "trunk" not in models:
@@ -77,7 +70,7 @@ def _check_arguments(models, optimizers, batch_size, loss_funcs, kwargs, hdml_op
         for k, o in optimizers.items():
             if not (callable(getattr(o, "step", None)) and callable(getattr(o, "zero_grad", None))):
                 raise ValueError(f"optimizers[{k!r}] must be an optimizer (step, zero_grad), got {type(o).__name__}")
-    _check_pos_int("batch_size", batch_size, optional=False)
+    _check_pos_int("batch_size", batch_size)
     _check_keys("mining_funcs", kwargs.get("mining_funcs"), ("subset_batch_miner", "tuple_miner"))
     _check_keys("lr_schedulers", kwargs.get("lr_schedulers"),
                 [k + s for s in SCHEDULER_SUFFIXES for k in MODEL_KEYS + LOSS_KEYS])
@@ -108,8 +101,9 @@ def _check_arguments(models, optimizers, batch_size, loss_funcs, kwargs, hdml_op
                 raise ValueError(f"hdml_options[{k!r}] is not an HDMLLoss option; options: "
                                  f"{', '.join(_hdml_option_names())}")
     for name in ("embedding_size", "feature_size", "num_classes"):
-        _check_pos_int(name, sizes[name])
-    _check_pos_int("generator_hidden_size", sizes["generator_hidden_size"], optional=False)
+        if sizes[name] is not None:  # None: taken from the models
+            _check_pos_int(name, sizes[name])
+    _check_pos_int("generator_hidden_size", sizes["generator_hidden_size"])
 
 
 class _TermTracker(LossTracker):
