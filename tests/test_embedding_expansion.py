@@ -378,6 +378,64 @@ def test_gram_function_gradients_and_double_backward():
     assert torch.allclose(y.grad, 2 * torch.ones(6, 6) @ y.detach(), rtol=2e-2, atol=2e-2)
 
 
+def test_normalized_gram_is_normalize_then_gram():
+    """The fused L2-normalise + Gram function: exact gradients twice, and the same values and
+    gradients as PML's normalize followed by the Gram matrix, zero and tiny rows included."""
+    from pml_ext.functional.embedding_expansion import _Gram, _NormalizedGram
+
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_NormalizedGram.apply, (x,))
+    assert torch.autograd.gradgradcheck(_NormalizedGram.apply, (x,))
+    w = torch.randn(7, 7, dtype=torch.float64)
+    for scale in (1.0, 0.0, 1e-13):  # 1e-13: below normalize's eps, divided by eps
+        base = torch.randn(7, 5, dtype=torch.float64)
+        base[2] *= scale
+        a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+        fused = _NormalizedGram.apply(a)
+        ref = _Gram.apply(torch.nn.functional.normalize(b, dim=1))
+        assert torch.equal(fused, ref)
+        (fused * w).sum().backward()
+        (ref * w).sum().backward()
+        assert torch.isfinite(a.grad).all()
+        assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, fused", [
+    (lambda: distances.CosineSimilarity(), True),
+    (lambda: distances.LpDistance(), True),
+    (lambda: distances.LpDistance(normalize_embeddings=False), False),
+    (lambda: distances.DotProductSimilarity(), True),
+    (lambda: distances.DotProductSimilarity(normalize_embeddings=False), False),
+    (lambda: distances.LpDistance(p=1), False),
+])
+def test_normalized_gram_dispatch(make, fused, monkeypatch):
+    """normalized_gram fuses only PML's own L2 normalisation; otherwise the distance normalises."""
+    from pml_ext.functional import embedding_expansion as ee
+
+    calls = []
+    monkeypatch.setattr(ee._NormalizedGram, "apply", lambda x: calls.append(1) or ee._Gram.apply(
+        torch.nn.functional.normalize(x, dim=1)))
+    dist = make()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    g = ee.normalized_gram(x, dist)
+    assert bool(calls) == fused
+    y = dist.maybe_normalize(x)
+    assert torch.allclose(g, y @ y.t(), atol=1e-12)
+
+
+def test_normalized_gram_custom_normalize_is_respected():
+    """A distance subclass with its own normalize keeps it (no fused L2)."""
+    from pml_ext.functional.embedding_expansion import normalized_gram
+
+    class Halved(distances.CosineSimilarity):
+        def normalize(self, embeddings, dim=1, **kwargs):
+            return super().normalize(embeddings, dim=dim, **kwargs) / 2
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = Halved().maybe_normalize(x)
+    assert torch.allclose(normalized_gram(x, Halved()), y @ y.t(), atol=1e-12)
+
+
 @pytest.mark.parametrize("make_distance", [
     lambda: distances.LpDistance(),
     lambda: distances.LpDistance(normalize_embeddings=False),

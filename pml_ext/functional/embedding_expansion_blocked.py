@@ -20,7 +20,6 @@ from . import embedding_expansion as _ee
 from .embedding_expansion import (
     BatchLayout,
     HardestPairs,
-    _Gram,
     _in_slot_order,
     _mat_from_gram,
     expanded_distance_matrix,
@@ -102,8 +101,7 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
     inner product, so the search runs on the inner products themselves
     (``search_inverted=True``) without square roots."""
     c, kk, k = layout.weights.shape
-    x = distance.maybe_normalize(embeddings)
-    gram = _Gram.apply(x)
+    gram = _ee.normalized_gram(embeddings, distance)
     normalizing = normalize and layout.has_synthetic
     with torch.no_grad():
         gd = gram.detach()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import HardestPairs, _Gram, _mat_from_gram, _sq_norms, safe_sqrt
+from .embedding_expansion import HardestPairs, _mat_from_gram, _sq_norms, safe_sqrt
 from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
@@ -251,8 +251,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
     ex, c = layout.expanded, layout.num_classes
     m = ex.labels.numel()
     grouped = class_groups(layout)
-    x = distance.maybe_normalize(embeddings)
-    gram = _Gram.apply(x)
+    gram = _ee.normalized_gram(embeddings, distance)
     normalizing = normalize and grouped.has_synthetic
     with torch.no_grad():
         gd = gram.detach()
