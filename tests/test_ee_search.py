@@ -193,6 +193,10 @@ def test_cost_model_keeps_the_blocked_search_for_balanced_batches_and_groups_une
     zipf = torch.multinomial(1 / torch.arange(1, 61, dtype=torch.float64), 128, replacement=True, generator=g)
     assert G.use_groups(_layout(zipf))
     assert G.use_groups(_layout(torch.randint(0, 40, (128,), generator=g)))
+    # equal classes with many points each: the blocked search would run in many memory chunks
+    assert G.use_groups(_layout(torch.arange(16).repeat_interleave(8)))
+    assert G.use_groups(_layout(balanced, n=8))
+    assert not G.use_groups(_layout(torch.arange(64).repeat_interleave(2), n=8))
 
 
 @pytest.mark.parametrize("seed", range(3))
