@@ -194,8 +194,9 @@ def test_cost_model_keeps_the_blocked_search_for_balanced_batches_and_groups_une
     assert G.use_groups(_layout(zipf))
     assert G.use_groups(_layout(torch.randint(0, 40, (128,), generator=g)))
     # equal classes with many points each: the blocked search would run in many memory chunks
-    assert G.use_groups(_layout(torch.arange(16).repeat_interleave(8)))
-    assert G.use_groups(_layout(balanced, n=8))
+    assert not G.use_groups(_layout(torch.arange(16).repeat_interleave(8)))  # 8 chunks
+    assert G.use_groups(_layout(torch.arange(16).repeat_interleave(8), n=4))  # 16 chunks
+    assert G.use_groups(_layout(balanced, n=8))  # 32 chunks
     assert not G.use_groups(_layout(torch.arange(64).repeat_interleave(2), n=8))
 
 

@@ -41,15 +41,17 @@ __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_n
 
 # Cost model, in units of one stage-1 search entry. Measured on CPU (B = 128, d = 512, one thread;
 # ``python -m benchmarks.perf_ee --paths`` times both searches side by side): an entry costs about
-# the same in both searches (~0.6-0.8 ns, batched products), the grouped search has ~0.35 ms more
-# fixed work (stage 2/3, the ordering) and each group adds a few small operations; a padded blocked
+# the same in both searches (~1 ns, batched products), the grouped search has ~0.4 ms more fixed
+# work (stage 2/3, the ordering) and each group adds a few small operations; a padded blocked
 # search (classes of unequal size) masks its padding and costs ~4x per entry; each memory chunk of
 # the blocked search costs ~0.1 ms more. Equal classes take the blocked search (no padding) unless
-# its chunks are many: 16x8 with n=2 and 32x4 with n=8 search faster grouped (2.1 vs 3.0 ms,
-# 3.5 vs 8.8 ms).
+# it runs in more than 8 memory chunks: measured in the losses (``perf_ee --n-points``), 16x8 with
+# n=2 (8 chunks) is faster blocked (N-pair 2.4 vs 2.6 ms), 16x8 with n=4 (16 chunks) and 32x4
+# with n=8 (32) grouped (3.7 vs 5.0 ms, 3.6 vs 5.5 ms).
+_EQUAL_CLASSES_MAX_CHUNKS = 8
 _BLOCKED_PADDED_ENTRY_COST = 4.0
 _BLOCKED_CHUNK_COST = 100_000
-_GROUPED_FIXED_COST = 500_000
+_GROUPED_FIXED_COST = 400_000
 _GROUP_COST = 50_000
 _SEARCH_CHUNK_ENTRIES = 1 << 17  # bound on the transient stage-1 block, in entries (512 kB in float32)
 
@@ -210,13 +212,15 @@ def _choose(layout) -> bool:
     if c == 0 or m == 0:
         return False
     kk = int(sizes.max())
-    # equal classes: the blocked search has no padding; it still loses when its memory chunks
-    # are many (many points per class, e.g. n_points=8)
-    per_entry = 1.0 if int(sizes.min()) == kk else _BLOCKED_PADDED_ENTRY_COST
-    k = int(torch.bincount(layout.classes, minlength=c).max())
-    blocked = per_entry * (c * kk) * (c * kk + c * k)  # the [C, C, K, K] search and W·G
     classes_per_chunk = max(1, _ee._SEARCH_CHUNK_ENTRIES // max(1, c * kk * kk))
-    blocked += _BLOCKED_CHUNK_COST * -(-c // classes_per_chunk)
+    chunks = -(-c // classes_per_chunk)
+    if int(sizes.min()) == kk:
+        # equal classes: the blocked search has no padding; it loses only when it runs in many
+        # memory chunks (many points per class: 16x8 with n=4, 32x4 with n=8)
+        return chunks > _EQUAL_CLASSES_MAX_CHUNKS
+    k = int(torch.bincount(layout.classes, minlength=c).max())
+    blocked = _BLOCKED_PADDED_ENTRY_COST * (c * kk) * (c * kk + c * k)  # the [C, C, K, K] search and W·G
+    blocked += _BLOCKED_CHUNK_COST * chunks
     # every pair of points of different classes is searched at least once
     if blocked <= _GROUPED_FIXED_COST + (m * m - int((sizes * sizes).sum())) / 2:
         return False
