@@ -405,13 +405,15 @@ class _NormalizedGram(torch.autograd.Function):
     def backward(ctx, g):
         x, y, denom = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: ŷ and the norm again, as functions of x
-            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-            denom = norm.clamp_min(_NORMALIZE_EPS)
+            denom = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
             y = x / denom
+            gy = (g + g.t()).to(y.dtype) @ y
+            along = (gy * y).sum(1, keepdim=True) * (denom > _NORMALIZE_EPS)
+            return (gy - y * along) / denom
         gy = (g + g.t()).to(y.dtype) @ y
         # a row whose norm was clamped to eps is divided by a constant: no projection
-        along = (gy * y).sum(1, keepdim=True) * (denom > _NORMALIZE_EPS)
-        return (gy - y * along) / denom
+        along = torch.linalg.vecdot(gy, y, dim=1).unsqueeze(1) * (denom > _NORMALIZE_EPS)
+        return gy.addcmul_(y, along, value=-1).div_(denom)  # in place: one [B, d] buffer
 
 
 def normalized_gram(embeddings: torch.Tensor, distance) -> torch.Tensor:
