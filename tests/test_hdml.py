@@ -536,7 +536,7 @@ def test_generator_runs_once_per_step_and_routes_its_gradients():
     """One generator forward per step (BatchNorm counts one batch), and the routed call gives the
     same gradients as two separate calls: generator parameters from J_gen only, the embedding
     from J_syn only."""
-    from pml_ext.losses.hdml_loss import _RoutedCall
+    from pml_ext.losses.hdml_generator import _RoutedCall
 
     torch.manual_seed(3)
     gen = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 4))

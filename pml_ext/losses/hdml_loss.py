@@ -3,6 +3,13 @@ PML-style loss module that wraps any pytorch-metric-learning tuple loss.
 
 Semantics follow the paper and the official TensorFlow code
 (wzzheng/HDML, ``lib/HDML.py``, ``main_triplet.py``, ``main_npair.py``); no code was copied.
+
+This module holds the loss: its settings, the real-batch term J_m, the weighting into J_metric,
+the gradient routing of ``forward``, the running averages' updates, the records and the
+non-finite handling. The synthetic tuples and the terms computed on them (J_syn, J_gen) are
+:mod:`.hdml_synthetic_tuples` (tensor math: :mod:`pml_ext.functional.hardness_aware_tuples`), the
+generator and its routed calls :mod:`.hdml_generator`, the running averages
+:mod:`.running_loss_average`, the argument and batch checks :mod:`.hdml_checks`.
 """
 from __future__ import annotations
 
@@ -12,14 +19,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as tnf
-from pytorch_metric_learning import losses
 from pytorch_metric_learning.losses import NPairsLoss
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
 from ..functional import hardness_aware as HA
-from ..functional.embedding_expansion import gram_kind
-from .embedding_expansion_loss import PLAIN_REDUCERS
+from .hdml_checks import _check_batch, _check_nonneg, _check_pos_int, _check_wrapped_loss
+from .hdml_generator import _zero_from, default_hdml_generator
+from .hdml_synthetic_tuples import _HDMLSyntheticTuples
+from .running_loss_average import RunningLossAverage
 
 __all__ = ["HDMLLoss", "HDMLNonFiniteError", "RunningLossAverage", "default_hdml_generator"]
 
@@ -30,29 +37,6 @@ DEFAULT_MAX_SYNTHETIC_TUPLES = 512
 
 class HDMLNonFiniteError(FloatingPointError):
     """An HDML objective (J_gen, J_metric or J_cls) became NaN or inf during training."""
-
-
-# wrapped losses HDML cannot use, with the reason (checked by class name, so PML versions that
-# lack one of them still import)
-_UNUSABLE_LOSSES = {
-    "EmbeddingExpansionLoss": "it expands every batch it is given, and HDML calls its loss on the real batch plus "
-    "one synthetic negative per tuple (thousands with all or mined triplets), so EE's expanded set and its "
-    "class-pair search grow with the square of that (a batch of 40 asked for 33 GB); use the PML loss itself",
-    "HDMLLoss": "HDML inside HDML is not defined (the inner one needs features and an embedder)",
-    "CrossBatchMemory": "it would enqueue HDML's synthetic embeddings into its memory as if they were real",
-    "SelfSupervisedLoss": "it takes (embeddings, ref_emb), not labels and tuples",
-    "InstanceLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
-    "P2SGradLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
-    "PNPLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
-    "RankedListLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
-    "VICRegLoss": "it does not accept an indices_tuple, which HDML needs for the synthetic tuples",
-}
-
-
-def _check_wrapped_loss(loss) -> None:
-    for cls in type(loss).__mro__:
-        if cls.__name__ in _UNUSABLE_LOSSES:
-            raise ValueError(f"HDMLLoss cannot wrap {type(loss).__name__}: {_UNUSABLE_LOSSES[cls.__name__]}")
 
 
 class _Unwalked(collections.UserDict):
@@ -68,169 +52,9 @@ class _Unwalked(collections.UserDict):
 
 
 # --------------------------------------------------------------------------------------------
-# running averages (J_avg, J_gen)
-# --------------------------------------------------------------------------------------------
-class RunningLossAverage(torch.nn.Module):
-    """Running average of a scalar loss, kept in registered buffers so it checkpoints.
-
-    ``mode="block"`` (official HDML ``data_collector``): values are collected; the average that
-    :meth:`read` returns is replaced by the mean of the collected values once ``block_size`` of
-    them have accumulated (then the collection restarts). Before the first full block it is
-    ``initial`` (official: 1e6). NaN/inf values are skipped (as the official code skips NaN).
-
-    ``mode="ema"``: bias-corrected exponential moving average with ``momentum`` (so the first
-    update returns that value exactly); ``initial`` is returned before any update.
-
-    Buffers: ``value`` (float64 scalar, what :meth:`read` returns), ``block`` (float64
-    ``[block_size]``, the current partial block; empty in ema mode), ``count`` (int64, values in
-    the current block, or total updates in ema mode), ``ema`` (float64 scalar, un-corrected EMA).
-    """
-
-    MODES = ("block", "ema")
-
-    def __init__(self, mode: str = "block", block_size: int = 64, momentum: float = 0.99, initial: float = 1e6):
-        super().__init__()
-        if mode not in self.MODES:
-            raise ValueError(f"average mode must be one of {self.MODES}, got {mode!r}")
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-        if not (0.0 <= float(momentum) < 1.0):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if not (float(initial) > 0):
-            raise ValueError(f"initial average must be > 0 (it divides alpha/beta), got {initial!r}")
-        self.mode = mode
-        self.block_size = block_size
-        self.momentum = float(momentum)
-        self.register_buffer("value", torch.tensor(float(initial), dtype=torch.float64))
-        self.register_buffer("block", torch.zeros(block_size if mode == "block" else 0, dtype=torch.float64))
-        self.register_buffer("count", torch.tensor(0, dtype=torch.int64))
-        self.register_buffer("ema", torch.tensor(0.0, dtype=torch.float64))
-
-    def read(self) -> float:
-        return float(self.value)
-
-    @torch.no_grad()
-    def update(self, v: float) -> bool:
-        """Feed one value; returns False (and changes nothing) if it is not finite."""
-        v = float(v)
-        if not math.isfinite(v):
-            return False
-        if self.mode == "block":
-            i = int(self.count)
-            self.block[i] = v
-            self.count += 1
-            if int(self.count) >= self.block_size:
-                self.value.fill_(float(self.block.mean()))
-                self.block.zero_()
-                self.count.zero_()
-        else:
-            self.count += 1
-            self.ema.mul_(self.momentum).add_((1.0 - self.momentum) * v)
-            correction = 1.0 - self.momentum ** int(self.count)
-            self.value.fill_(float(self.ema) / correction)
-        return True
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, block_size={self.block_size}, momentum={self.momentum}"
-
-
-def default_hdml_generator(embedding_size: int, feature_size: int, hidden_size: int = 512) -> torch.nn.Module:
-    """The paper's generator: embedding -> Linear(hidden) -> ReLU -> BatchNorm -> Linear(feature_size)
-    (official ``fc_block`` order: matmul + bias, ReLU, then BN)."""
-    return torch.nn.Sequential(
-        torch.nn.Linear(embedding_size, hidden_size),
-        torch.nn.ReLU(),
-        torch.nn.BatchNorm1d(hidden_size),
-        torch.nn.Linear(hidden_size, feature_size),
-    )
-
-
-class _RoutedCall(torch.autograd.Function):
-    """``module(x)`` computed once, returned twice: the first copy's gradient reaches only the
-    module's parameters, the second's only ``x`` (HDML's generator: J_gen trains the generator,
-    J_syn trains the embedding through it). One forward (BatchNorm statistics, dropout masks:
-    once) instead of two calls; the backward asks autograd for exactly the two gradients."""
-
-    @staticmethod
-    def forward(ctx, module, x, *params):
-        names = [n for n, _ in module.named_parameters()]
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(x.requires_grad)
-            p_in = [p.detach().requires_grad_(p.requires_grad) for p in params]
-            y = torch.func.functional_call(module, {**dict(module.named_buffers()), **dict(zip(names, p_in))},
-                                           (x_in,))
-        ctx.inner = (y, x_in, p_in)
-        out = y.detach()
-        return out, out.clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_params, g_input):
-        y, x_in, p_in = ctx.inner
-        trainable = [p for p in p_in if p.requires_grad]
-        grads = dict.fromkeys(range(len(p_in)))
-        if trainable and g_params is not None:
-            found = torch.autograd.grad(y, trainable, g_params, retain_graph=True, allow_unused=True)
-            grads.update(zip([i for i, p in enumerate(p_in) if p.requires_grad], found))
-        g_x = None
-        if x_in.requires_grad and g_input is not None:
-            # the inner graph lives as long as the outer one (ctx): the outer graph may be
-            # retained and differentiated again, term by term
-            (g_x,) = torch.autograd.grad(y, x_in, g_input, retain_graph=True, allow_unused=True)
-        return (None, g_x, *[grads[i] for i in range(len(p_in))])
-
-
-def _frozen_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` with the module's parameters treated as constants (detached) and its buffers
-    cloned (so BatchNorm running statistics are not updated a second time). Gradient still flows
-    to ``x``."""
-    tensors = {n: p.detach() for n, p in module.named_parameters()}
-    tensors.update({n: b.clone() for n, b in module.named_buffers()})
-    return torch.func.functional_call(module, tensors, (x,))
-
-
-def _zero_from(tensors: Iterable[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """A zero connected to every given tensor (so their grads become 0, not None)."""
-    out = like.new_zeros(())
-    for t in tensors:
-        if t.requires_grad:
-            out = out + (t * 0).sum()
-    return out
-
-
-def _rowwise_triplet_kind(loss) -> Optional[str]:
-    """"inner" / "euclidean" when ``loss`` is a plain TripletMarginLoss whose values can be computed
-    triplet by triplet (the distances and reducers EE's dense paths accept), else None."""
-    if type(loss) is not losses.TripletMarginLoss or getattr(loss, "embedding_regularizer", None) is not None:
-        return None
-    if type(loss.reducer) not in PLAIN_REDUCERS:
-        return None
-    return gram_kind(loss.distance)
-
-
-def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t[idx] for thousands of mined tuples: index_select's backward is a vectorised index_add,
-    the [] gather's a serial accumulating index_put (several ms per HDML step on CPU)."""
-    return t.index_select(0, idx)
-
-
-def _check_nonneg(name, value, upper=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    if value < 0 or (upper is not None and value > upper):
-        rng = f"[0, {upper}]" if upper is not None else ">= 0"
-        raise ValueError(f"{name} must be in {rng}, got {value!r}")
-
-
-def _check_pos_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-# --------------------------------------------------------------------------------------------
 # the loss
 # --------------------------------------------------------------------------------------------
-class HDMLLoss(ModuleWithRecords):
+class HDMLLoss(_HDMLSyntheticTuples, ModuleWithRecords):
     r"""Hardness-Aware Deep Metric Learning around any PML loss (Zheng et al., CVPR 2019).
 
     Per batch (``features`` y from the backbone, ``z = embedder(y)``):
@@ -577,94 +401,6 @@ class HDMLLoss(ModuleWithRecords):
         for k, v in defaults.items():
             setattr(self, k, v)
 
-    def _check_inputs(self, features, labels, embedder):
-        if not torch.is_tensor(features) or not features.is_floating_point() or features.dim() == 0:
-            raise ValueError("features must be a floating-point tensor")
-        if not bool(torch.isfinite(features.detach()).all()):
-            raise ValueError("features contain NaN or inf (the backbone diverged or the input is bad); "
-                             "HDML cannot make finite synthetic tuples from them")
-        if self.use_generator and features.dim() != 2:
-            raise ValueError(f"features must be 2-D [batch, feature_size] with a generator, got shape {tuple(features.shape)}")
-        if not torch.is_tensor(labels) or labels.dim() != 1:
-            raise ValueError("labels must be a 1-D tensor")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.shape[0] != features.shape[0]:
-            raise ValueError(f"labels ({labels.shape[0]}) and features ({features.shape[0]}) differ in batch size")
-        if features.shape[0] == 0:
-            raise ValueError("empty batch")
-        if not callable(embedder):
-            raise ValueError("embedder must be callable (the embedding head)")
-        if self.use_generator:
-            lo, hi = int(labels.min()), int(labels.max())
-            n = getattr(self.classifier, "out_features", self.num_classes)
-            if lo < 0 or (n is not None and hi >= n):
-                raise ValueError(f"labels must lie in [0, {n}) for the softmax classifier, got range [{lo}, {hi}]")
-
-    def _triplets(self, indices_tuple, labels):
-        a, p, n = lmu.convert_to_triplets(indices_tuple, labels, t_per_anchor=self.triplets_per_anchor)
-        a, p, n = a.to(labels.device).long(), p.to(labels.device).long(), n.to(labels.device).long()
-        if self.max_synthetic_tuples is not None and len(a) > self.max_synthetic_tuples:
-            keep = torch.randperm(len(a), device=labels.device)[: self.max_synthetic_tuples]
-            a, p, n = a[keep], p[keep], n[keep]
-        return a, p, n
-
-    def _triplet_syn_loss(self, syn_emb, syn_labels, syn_tuple):
-        """The wrapped loss on the synthetic triplets (B real rows + T synthetic negatives).
-
-        PML's TripletMarginLoss builds the full (B+T)² distance matrix to read 2T entries of it;
-        with thousands of mined triplets that matrix dominated the step. For a plain
-        TripletMarginLoss (Lp-2 / cosine / dot distance, a reducer that reads the losses only, no
-        embedding regulariser) the same per-triplet values are computed row-wise (tested against
-        PML's own path); any other loss runs as is.
-        """
-        loss = self.loss
-        kind = _rowwise_triplet_kind(loss)
-        if kind is None:
-            return loss(syn_emb, syn_labels, syn_tuple)
-        a, p, n = syn_tuple
-        dist = loss.distance
-        q = dist.maybe_normalize(syn_emb)
-
-        def pair(i, j):
-            u, v = _rows(q, i), _rows(q, j)
-            val = (u * v).sum(1) if kind == "inner" else torch.linalg.vector_norm(u - v, dim=1)
-            return val**dist.power if dist.power != 1 else val
-
-        ap, an = pair(a, p), pair(a, n)
-        if loss.swap:
-            an = dist.smallest_dist(an, pair(p, n))
-        violation = dist.margin(ap, an) + loss.margin
-        per = tnf.softplus(violation) if loss.smooth_loss else tnf.relu(violation)
-        return loss.reducer({"loss": {"losses": per, "indices": syn_tuple, "reduction_type": "triplet"}},
-                            syn_emb, syn_labels)
-
-    def _npair_syn_loss(self, anchors, cands, a_idx, labels):
-        """N-pair CE where anchor i's candidates are row i of ``cands`` [N, N, D], target i."""
-        dist = self.loss.distance
-        n, _, d = cands.shape
-        # one call of the distance's own forward (normalisation, power, as the wrapped loss does),
-        # [N, N*N], then keep anchor i against its own row: sim[i, j] = mat[i, i*N + j]
-        mat = dist(anchors, cands.reshape(n * n, d))
-        rows = torch.arange(n, device=mat.device)
-        cols = rows.unsqueeze(1) * n + rows.unsqueeze(0)
-        sim = mat[rows.unsqueeze(1), cols]
-        if not dist.is_inverted:
-            sim = -sim
-        ce = tnf.cross_entropy(sim, torch.arange(n, device=sim.device), reduction="none")
-        loss_dict = {"loss": {"losses": ce, "indices": a_idx, "reduction_type": "element"}}
-        return self.loss.reducer(loss_dict, anchors, labels[a_idx])
-
-    def _generate(self, z_in, routed):
-        """Generator outputs for the gen objective (``y_gen``) and for the metric path (``y_met``)."""
-        if not routed:
-            y = self.generator(z_in)
-            return y, y
-        return _RoutedCall.apply(self.generator, z_in, *self.generator.parameters())
-
-    def _classify(self, y, routed):
-        return _frozen_call(self.classifier, y) if routed else self.classifier(y)
-
     def _nonfinite(self, terms: Dict[str, torch.Tensor]) -> Optional[str]:
         """Logs this batch's checked terms; returns the first non-finite one (None if all finite)."""
         values = {k: float(terms[k].detach()) for k in self.CHECKED_TERMS if k in terms}
@@ -694,7 +430,7 @@ class HDMLLoss(ModuleWithRecords):
 
     def _compute(self, features, labels, embedder, indices_tuple, routed, miner=None):
         self.reset_stats()
-        self._check_inputs(features, labels, embedder)
+        _check_batch(features, labels, embedder, self.use_generator, self.classifier, self.num_classes)
         labels = labels.to(device=features.device, dtype=torch.long)  # any integer width (CE needs int64)
         emb = embedder(features)
         if not torch.is_tensor(emb) or emb.dim() != 2 or emb.shape[0] != features.shape[0]:
@@ -706,101 +442,13 @@ class HDMLLoss(ModuleWithRecords):
         j_avg = self.javg_tracker.read()
         w, s = self.current_weights()
         decay = float(HA.hardness_decay(self.alpha, j_avg))
-        B = emb.shape[0]
         zero_emb = (emb * 0).sum()
-        rec = {}
-
-        # ---------------- synthetic tuples in embedding space
-        if self.tuple_mode == "triplet":
-            a_idx, p_idx, n_idx = self._triplets(indices_tuple, labels)
-            T = len(a_idx)
-            if T > 0:
-                z_neg, coef, mask = HA.hardness_aware_negatives(
-                    _rows(emb, a_idx), _rows(emb, p_idx), _rows(emb, n_idx), self.alpha, j_avg, return_coefficients=True
-                )
-        else:
-            a_idx, p_idx = lmu.convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)
-            a_idx, p_idx = a_idx.to(labels.device).long(), p_idx.to(labels.device).long()
-            T = len(a_idx)
-            if T > 0:
-                z_neg, coef, mask = HA.hardness_aware_npair_negatives(
-                    _rows(emb, a_idx), _rows(emb, p_idx), self.alpha, j_avg, return_coefficients=True
-                )  # [N, N, D]
-                off = ~torch.eye(T, dtype=torch.bool, device=emb.device)
-                coef, mask = coef[off], mask[off]  # statistics over real negatives only
-        n_syn = T if self.tuple_mode == "triplet" else T * max(T - 1, 0)
-
-        terms: Dict[str, torch.Tensor] = {}
         gen_params = list(self.generator.parameters()) if self.use_generator else []
-
-        if n_syn == 0:
-            # degenerate batch: no synthetic tuple; zero losses connected to the graph
-            j_syn = zero_emb
-            if self.use_generator:
-                terms["J_recon"] = _zero_from(gen_params, zero_emb)
-                terms["J_soft"] = _zero_from(gen_params, zero_emb)
-                terms["J_gen"] = terms["J_recon"] + terms["J_soft"]
-        else:
-            rec["mean_pull_coefficient"] = float(coef.detach().mean())
-            rec["fraction_pullable"] = float(mask.float().mean())
-            if not self.use_generator:
-                if self.tuple_mode == "triplet":
-                    syn_emb = torch.cat([emb, z_neg], 0)
-                    syn_labels = torch.cat([labels, labels[n_idx]], 0)
-                    syn_tuple = (a_idx, p_idx, B + torch.arange(T, device=emb.device))
-                    j_syn = self._triplet_syn_loss(syn_emb, syn_labels, syn_tuple)
-                else:
-                    j_syn = self._npair_syn_loss(_rows(emb, a_idx), z_neg, a_idx, labels)
-            else:
-                y_real = features.detach() if routed else features
-                D = emb.shape[1]
-                z_neg_flat = z_neg.reshape(-1, D)
-                z_in = torch.cat([emb, z_neg_flat], 0)  # real embeddings (reconstruction) + pulled negatives
-                y_gen, y_met = self._generate(z_in, routed)
-                # --- generator objective
-                recon_gen = y_gen[:B]
-                syn_gen = y_gen[B:]
-                terms["J_recon"] = HA.hdml_reconstruction_loss(recon_gen, y_real, self.lambda_)
-                if self.tuple_mode == "triplet":
-                    neg_labels = labels[n_idx]
-                    logits = self._classify(syn_gen, routed)
-                    soft_lab = neg_labels
-                    if self.synthesize == "all":
-                        # the classifier is row-wise: classify the B regenerated rows once and
-                        # gather their logits for the T anchors and positives (not 2T rows)
-                        recon_logits = self._classify(recon_gen, routed)
-                        logits = torch.cat([_rows(recon_logits, a_idx), _rows(recon_logits, p_idx), logits], 0)
-                        soft_lab = torch.cat([labels[a_idx], labels[p_idx], neg_labels], 0)
-                    terms["J_soft"] = HA.hdml_soft_loss(logits, soft_lab, self.lambda_, self.softmax_factor)
-                else:
-                    cand_labels = labels[p_idx].unsqueeze(0).expand(T, T).reshape(-1)
-                    j_soft = HA.hdml_soft_loss(
-                        self._classify(syn_gen, routed), cand_labels, self.lambda_, self.softmax_factor
-                    )
-                    if self.synthesize == "all":  # official genSoftmax: + CE on regenerated anchors
-                        j_soft = j_soft + HA.hdml_soft_loss(
-                            self._classify(_rows(recon_gen, a_idx), routed), labels[a_idx], self.lambda_, self.softmax_factor
-                        )
-                    terms["J_soft"] = j_soft
-                terms["J_gen"] = terms["J_recon"] + terms["J_soft"]
-                # --- metric path: re-embed with the same embedder
-                syn_emb_all = embedder(y_met)
-                recon_emb, neg_emb = syn_emb_all[:B], syn_emb_all[B:]
-                if self.tuple_mode == "triplet":
-                    base = recon_emb if self.synthesize == "all" else emb
-                    syn_emb = torch.cat([base, neg_emb], 0)
-                    syn_labels = torch.cat([labels, labels[n_idx]], 0)
-                    syn_tuple = (a_idx, p_idx, B + torch.arange(T, device=emb.device))
-                    j_syn = self._triplet_syn_loss(syn_emb, syn_labels, syn_tuple)
-                else:
-                    cands = neg_emb.reshape(T, T, -1)
-                    if self.synthesize == "all":
-                        anchors = _rows(recon_emb, a_idx)
-                    else:
-                        anchors = _rows(emb, a_idx)
-                        eye = torch.eye(T, dtype=torch.bool, device=emb.device).unsqueeze(-1)
-                        cands = torch.where(eye, _rows(emb, p_idx).unsqueeze(0).expand_as(cands), cands)
-                    j_syn = self._npair_syn_loss(anchors, cands, a_idx, labels)
+        # synthetic tuples, J_syn and the generator's terms (hdml_synthetic_tuples.py); the pull
+        # statistics start the records
+        n_syn, j_syn, terms, rec = self._synthetic_terms(
+            features, labels, emb, embedder, indices_tuple, routed, j_avg, zero_emb, gen_params
+        )
 
         if self.use_generator:
             cls_in = features.detach() if routed else features
