@@ -120,6 +120,42 @@ def test_hphn_matches_brute_force(pairs, n):
     assert got.item() == pytest.approx(ref.hphn_triplet(x, y, n, True, pairs, 0.1), rel=1e-9)
 
 
+def _hphn_loops(x, y, n, pairs, dist, margin):
+    """HPHN from its definition, loops over anchors and points on the explicit expanded set (any
+    PML distance; differentiable, for value and gradient references)."""
+    ex = F.expand(y, n, pairs, x.dtype)
+    pts = F.expanded_embeddings(dist.maybe_normalize(x), ex, True)
+    b, m = len(y), len(ex.labels)
+    better = max if dist.is_inverted else min  # the harder negative
+    worse = min if dist.is_inverted else max  # the harder positive
+    d = lambda i, j: dist.compute_mat(pts[i:i + 1], pts[j:j + 1])[0, 0] ** dist.power  # noqa: E731
+    losses_ = []
+    for i in range(b):
+        pos = [d(i, j) for j in range(b) if j != i and y[j] == y[i]]
+        group = [i] + [u for u in range(b, m) if i in (int(ex.first[u]), int(ex.second[u]))]
+        neg = [d(u, v) for u in group for v in range(m) if ex.labels[v] != y[i]]
+        if pos and neg:
+            ap, an = worse(pos), better(neg)
+            losses_.append(torch.relu(dist.margin(ap, an) + margin))
+    return torch.stack(losses_).mean()
+
+
+@pytest.mark.parametrize("dist", [distances.LpDistance(p=1), distances.LpDistance(power=2),
+                                  distances.CosineSimilarity(), distances.DotProductSimilarity()])
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+def test_hphn_value_and_gradient_match_loops_for_any_distance(dist, pairs):
+    """The search runs without autograd and only the selected distances are recomputed: the value
+    and the gradient equal the definition's (Gram-derived and explicit-matrix distances alike)."""
+    x, y = batch(seed=13, classes=(0, 0, 1, 1, 1, 2, 2, 0), dim=5)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = HPHNTripletLoss(margin=0.3, n_points=2, pairs=pairs, distance=dist)(a, y)
+    want = _hphn_loops(b, y, 2, pairs, dist, 0.3)
+    assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    got.backward()
+    want.backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("dist", [None, distances.CosineSimilarity(), distances.LpDistance(power=2)])
 def test_hphn_with_zero_points_is_batch_hard_triplet(dist):
     x, y = batch(seed=6)

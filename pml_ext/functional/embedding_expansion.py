@@ -34,6 +34,7 @@ __all__ = [
     "hardened_pair_matrix",
     "safe_sqrt",
     "gram_kind",
+    "normalized_gram",
 ]
 
 PAIR_MODES = ("all", "adjacent")

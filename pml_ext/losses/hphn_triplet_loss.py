@@ -8,6 +8,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import functional as F
+from ..functional.embedding_expansion import _expanded_gram, _mat_from_gram, _pair_values_from_gram
 from ..utils.distributed import in_rank_order
 from .embedding_expansion_loss import _check_batch
 
@@ -77,39 +78,57 @@ class HPHNTripletLoss(BaseMetricLossFunction):
         inverted = self.distance.is_inverted
         ex = F.expand(labels, self.n_points, self.pairs, embeddings.dtype)
         b, m = ex.num_originals, ex.labels.numel()
-        mat = F.expanded_distance_matrix(embeddings, ex, self.distance, self.normalize)
-        # Fill values that a max (positives) / min (negatives) over distances ignores.
-        ignore_in_ap = c_f.pos_inf(mat.dtype) if inverted else c_f.neg_inf(mat.dtype)
-        ignore_in_an = c_f.neg_inf(mat.dtype) if inverted else c_f.pos_inf(mat.dtype)
-
-        # Hardest original positive.
+        arange_b = torch.arange(b, device=labels.device)
         same = labels[:, None] == labels[None, :]
         pos_mask = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
-        orig = mat[:b, :b]
-        ap = torch.where(pos_mask, orig, torch.full_like(orig, ignore_in_ap))
-        ap = ap.min(1).values if inverted else ap.max(1).values
-
-        # Hardest negative of every expanded point, then over each anchor's group.
-        neg_mask = ex.labels[:, None] != ex.labels[None, :]
-        an_point = torch.where(neg_mask, mat, torch.full_like(mat, ignore_in_an))
-        an_point = an_point.max(1).values if inverted else an_point.min(1).values
-        synth = torch.arange(b, m, device=labels.device)
-        owners = torch.cat([torch.arange(b, device=labels.device), ex.first[synth], ex.second[synth]])
-        values = torch.cat([an_point[:b], an_point[synth], an_point[synth]])
-        reduce = "amax" if inverted else "amin"
-        an = torch.full((b,), ignore_in_an, dtype=mat.dtype, device=mat.device)
-        an = an.scatter_reduce(0, owners, values, reduce)
-
-        valid = pos_mask.any(1) & (labels[:, None] != labels[None, :]).any(1)
+        valid = pos_mask.any(1) & (~same).any(1)
         self.num_anchors = int(valid.sum())
-        if self.collect_stats:
-            with torch.no_grad():
-                harder = an < an_point[:b] if not inverted else an > an_point[:b]
+        # The search runs without autograd (no [M, M] graph kept for the backward); the loss then
+        # recomputes only each anchor's two selected distances, differentiably.
+        kind = F.gram_kind(self.distance)
+        # inner-product distances: one Gram matrix serves the search and the selected distances
+        gram = F.normalized_gram(embeddings, self.distance) if kind is not None else None
+        with torch.no_grad():
+            if gram is None:
+                mat = F.expanded_distance_matrix(embeddings.detach(), ex, self.distance, self.normalize)
+            else:
+                mat = _mat_from_gram(_expanded_gram(gram.detach(), ex, self.normalize), kind, self.distance.power)
+            # values that a max (positives) / min (negatives) over distances ignores
+            ignore_in_ap = c_f.pos_inf(mat.dtype) if inverted else c_f.neg_inf(mat.dtype)
+            ignore_in_an = c_f.neg_inf(mat.dtype) if inverted else c_f.pos_inf(mat.dtype)
+            hardest_pos = torch.min if inverted else torch.max
+            hardest_neg = torch.max if inverted else torch.min
+            # hardest original positive of every anchor (first one on ties, as PML's BatchHardMiner)
+            ap_col = hardest_pos(mat[:b, :b].masked_fill(~pos_mask, ignore_in_ap), 1).indices
+            # hardest negative of every expanded point, then over each anchor's group (the anchor
+            # and the synthetic points of its pairs); the first entry attaining it
+            neg_mask = ex.labels[:, None] != ex.labels[None, :]
+            an_point, an_col = hardest_neg(mat.masked_fill(~neg_mask, ignore_in_an), 1)
+            synth = torch.arange(b, m, device=labels.device)
+            owners = torch.cat([arange_b, ex.first[synth], ex.second[synth]])
+            rows = torch.cat([arange_b, synth, synth])  # the expanded point of every entry
+            values = an_point[rows]
+            reduce = "amax" if inverted else "amin"
+            an_best = torch.full((b,), ignore_in_an, dtype=mat.dtype, device=mat.device)
+            an_best = an_best.scatter_reduce(0, owners, values, reduce)
+            entry = torch.arange(rows.numel(), device=labels.device)
+            hit = torch.where(values == an_best[owners], entry, rows.numel())
+            first = torch.full((b,), rows.numel(), dtype=torch.long, device=labels.device)
+            an_row = rows[first.scatter_reduce(0, owners, hit, "amin").clamp(max=rows.numel() - 1)]
+            if self.collect_stats:
+                harder = an_best < an_point[:b] if not inverted else an_best > an_point[:b]
                 self.synthetic_selection_ratio = float(harder[valid].float().mean()) if valid.any() else 0.0
         if not bool(valid.any()):
             return self.zero_losses()
         anchors = valid.nonzero(as_tuple=True)[0]
-        losses = torch.relu(self.distance.margin(ap[anchors], an[anchors]) + self.margin)
+        rows = torch.cat([anchors, an_row[anchors]])
+        cols = torch.cat([ap_col[anchors], an_col[an_row[anchors]]])
+        if gram is None:
+            values = F.expanded_pair_values(embeddings, ex, rows, cols, self.distance, self.normalize)
+        else:
+            values = _pair_values_from_gram(gram, ex, rows, cols, self.normalize, kind, self.distance.power)
+        ap, an = values.split(anchors.numel())
+        losses = torch.relu(self.distance.margin(ap, an) + self.margin)
         return {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
 
     def get_default_distance(self):
