@@ -349,11 +349,21 @@ def test_search_on_inner_products_selects_the_smallest_distance(balanced):
     lambda: losses.NPairsLoss(),
     lambda: losses.NPairsLoss(distance=distances.LpDistance()),
     lambda: losses.NPairsLoss(reducer=reducers.AvgNonZeroReducer()),
+    lambda: losses.ContrastiveLoss(),
+    lambda: losses.ContrastiveLoss(pos_margin=0.2, neg_margin=0.7, distance=distances.CosineSimilarity()),
+    lambda: losses.ContrastiveLoss(reducer=reducers.MeanReducer()),
+    lambda: losses.ContrastiveLoss(reducer=reducers.MultipleReducers(
+        {"pos_loss": reducers.ThresholdReducer(low=0.1)}, default_reducer=reducers.SumReducer())),
 ])
-@pytest.mark.parametrize("classes", [(0, 0, 1, 1, 1, 2, 2, 0, 3, 3, 3, 3), (0, 0, 1, 2), (0, 0, 0, 0)])
-def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes):
-    """The dense Triplet / Lifted / N-pair paths give exactly what PML computes through its
-    index lists (N-pair: through the sub-batches it hands its distance)."""
+@pytest.mark.parametrize("classes", [(0, 0, 1, 1, 1, 2, 2, 0, 3, 3, 3, 3), (0, 0, 1, 2), (0, 0, 0, 0), (0, 1)])
+def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes, monkeypatch):
+    """The dense Triplet / Lifted / N-pair / Contrastive paths give exactly what PML computes
+    through its index lists (N-pair: through the sub-batches it hands its distance)."""
+    import pml_ext.losses.embedding_expansion_loss as eel
+
+    taken = []
+    for name in ("_dense_triplet", "_dense_lifted", "_dense_npairs", "_dense_contrastive"):
+        monkeypatch.setattr(eel, name, lambda *a, f=getattr(eel, name): taken.append(1) or f(*a))
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
     x, y = batch(seed=16, classes=classes)
@@ -365,7 +375,9 @@ def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes):
     if isinstance(base, losses.NPairsLoss):  # shuffled labels: PML orders its anchors by label
         y = y * 5 % 11  # 0, 1, 2, 3 -> 0, 5, 10, 4
         all_tuples = lmu.get_all_pairs_indices(y)
+    assert len(taken) == 1  # the dense path ran, once
     generic = EmbeddingExpansionLoss(make())(x2, y, all_tuples)  # indices given: PML's own path
+    assert len(taken) == 1
     assert dense.item() == pytest.approx(generic.item(), rel=1e-10, abs=1e-12)
     dense.backward()
     generic.backward()
@@ -575,3 +587,14 @@ def test_dense_triplet_by_gathered_triplets_equals_pml(monkeypatch, make, flat):
     generic.backward()
     assert torch.allclose(x1.grad, x2.grad, atol=1e-10)
     F.embedding_expansion._LAYOUT_CACHE.clear()
+
+
+def test_dense_path_only_for_reducers_that_read_the_losses_alone():
+    """MultipleReducers over plain reducers (Contrastive's default) takes the dense path; any
+    reducer that reads more than the per-pair losses (here DivisorReducer) keeps PML's own."""
+    from pml_ext.losses.embedding_expansion_loss import _dense_contrastive, _dense_loss
+
+    assert _dense_loss(losses.ContrastiveLoss(), None) is _dense_contrastive
+    custom = reducers.MultipleReducers({"pos_loss": reducers.DivisorReducer()})
+    assert _dense_loss(losses.ContrastiveLoss(reducer=custom), None) is None
+    assert _dense_loss(losses.ContrastiveLoss(), (torch.tensor([0]),) * 4) is None

@@ -229,11 +229,20 @@ PLAIN_REDUCERS = (reducers.MeanReducer, reducers.AvgNonZeroReducer, reducers.Thr
                   reducers.SumReducer)
 
 
+def _reads_losses_alone(reducer) -> bool:
+    """A plain reducer, or PML's MultipleReducers (the default of losses with several sub-losses,
+    e.g. Contrastive) over plain ones."""
+    if type(reducer) is reducers.MultipleReducers:
+        return all(type(r) in PLAIN_REDUCERS for r in [*reducer.reducers.values(), reducer.default_reducer])
+    return type(reducer) in PLAIN_REDUCERS
+
+
 def _dense_loss(loss, indices_tuple):
     """A dense computation of the loss on the hardened matrix, when it gives exactly PML's value.
 
     PML evaluates Triplet and Lifted Structure through index lists built from a B³ mask or a
-    (#positive x #negative pairs) mask, and N-pair through sub-batches it hands its distance;
+    (#positive x #negative pairs) mask, N-pair through sub-batches it hands its distance, and
+    Contrastive through the [B, B] matrix at every pair;
     on the hardened matrix the same values need only dense per-anchor arithmetic, with the
     index lists built once per label pattern (:meth:`BatchLayout.extra`). Used with all tuples
     (no indices_tuple), PML's reducers that look at the losses alone, and no embedding
@@ -241,7 +250,7 @@ def _dense_loss(loss, indices_tuple):
     """
     if indices_tuple is not None or getattr(loss, "embedding_regularizer", None) is not None:
         return None
-    if type(loss.reducer) not in PLAIN_REDUCERS:
+    if not _reads_losses_alone(loss.reducer):
         return None
     if type(loss) is losses.TripletMarginLoss and loss.triplets_per_anchor == "all" and not loss.swap:
         return _dense_triplet
@@ -249,6 +258,8 @@ def _dense_loss(loss, indices_tuple):
         return _dense_lifted
     if type(loss) is losses.NPairsLoss:
         return _dense_npairs
+    if type(loss) is losses.ContrastiveLoss:
+        return _dense_contrastive
     return None
 
 
@@ -330,6 +341,31 @@ def _dense_lifted(loss, hb: HardenedBatch, labels):
     e = torch.logsumexp(neg_terms, dim=1)
     per_pair = torch.relu(torch.logaddexp(e[a], e[p]) + loss.distance.margin(mat[a, p], loss.pos_margin)) ** 2 / 2
     return {"loss": {"losses": per_pair, "indices": (a, p), "reduction_type": "pos_pair"}}
+
+
+def _all_pairs_structure(layout: F.BatchLayout):
+    """PML's get_all_pairs_indices (positive then negative pairs, row-major), with the flat index
+    of every positive pair into the [B, B] matrix and of every negative pair's class pair into
+    the [C, C] one."""
+    a1, p = layout.positive.nonzero(as_tuple=True)
+    a2, n = layout.negative.nonzero(as_tuple=True)
+    b, c = layout.classes.numel(), layout.num_classes
+    return (a1, p, a2, n), a1 * b + p, layout.classes[a2] * c + layout.classes[n]
+
+
+def _dense_contrastive(loss, hb: HardenedBatch, labels):
+    """ContrastiveLoss over all pairs: a positive pair's value from the batch's own matrix, a
+    negative pair's from its class pair's hardest value, without the [B, B] hardened matrix."""
+    pairs, pos_flat, neg_flat = hb.layout.extra("all_pairs", _all_pairs_structure)
+    if all(len(x) <= 1 for x in pairs):  # PML's GenericPairLoss returns zero losses then
+        return loss.zero_losses()
+    pos_loss = neg_loss = 0
+    if pos_flat.numel():
+        pos_loss = loss.get_per_pair_loss(hb.originals_mat.reshape(-1).index_select(0, pos_flat), "pos")
+    if neg_flat.numel():
+        neg_loss = loss.get_per_pair_loss(hb.hardest.reshape(-1).index_select(0, neg_flat), "neg")
+    return {"pos_loss": {"losses": pos_loss, "indices": pairs[:2], "reduction_type": "pos_pair"},
+            "neg_loss": {"losses": neg_loss, "indices": pairs[2:], "reduction_type": "neg_pair"}}
 
 
 def _npair_structure(layout: F.BatchLayout):
