@@ -33,6 +33,8 @@ __all__ = [
     "hardest_negative_pairs_in_layout",
     "hardened_pair_matrix",
     "safe_sqrt",
+    "take",
+    "take_columns",
     "gram_kind",
     "normalized_gram",
 ]
@@ -141,6 +143,18 @@ def expand(
         ),
         num_originals=b,
     )
+
+
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t.flatten()[idx]`` for an index of any shape, by ``index_select``: on CPU several times
+    faster than advanced indexing (20k entries: 15 vs 57 µs), and its backward is a vectorised
+    ``index_add`` rather than an accumulating ``index_put``."""
+    return t.reshape(-1).index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
+def take_columns(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[:, idx]`` of a 2-D ``t`` for an index of any shape, by ``index_select``."""
+    return t.index_select(1, idx.reshape(-1)).view(t.shape[0], *idx.shape)
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .embedding_expansion import (
     _mat_from_gram,
     expanded_distance_matrix,
     safe_sqrt,
+    take,
 )
 from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
 
@@ -106,7 +107,7 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
     with torch.no_grad():
         gd = gram.detach()
         block_index = _block_index(layout)
-        gs = (gd if block_index is None else gd.reshape(-1)[block_index]).view(c, k, c, k)
+        gs = (gd if block_index is None else take(gd, block_index)).view(c, k, c, k)
         w = layout.weights.to(gd.dtype)
         gcc = torch.diagonal(gs, dim1=0, dim2=2).permute(2, 0, 1)  # [C, k, k] within-class blocks
         sq = ((w @ gcc) * w).sum(-1)  # [C, K] squared norms before EE Eq. 2
@@ -136,15 +137,15 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
             block, c, kk, inverted, valid, layout.original_slot if originals_best else None)
         # the selected points as flat slots: [2, C, C] (row point, column point)
         idx = torch.stack([layout.row_base + p_slot, layout.col_base + q_slot])
-        points = layout.slot_points[idx]  # [2, C, C, 3]: expanded-set index, two originals
+        points = layout.slot_points.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)  # [2, C, C, 3]: expanded-set index, two originals
         ends = points[..., 1:].movedim(-1, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
-        wsel = layout.slot_weights[idx].to(gd.dtype)
+        wsel = layout.slot_weights.index_select(0, idx.reshape(-1)).view(*idx.shape, -1).to(gd.dtype)
         if scale is not None:
-            wsel = wsel * scale.view(-1)[idx][..., None]
+            wsel = wsel * take(scale, idx)[..., None]
         wsel = wsel.movedim(-1, 1).reshape(4, c, c)
-        sqn = sq.view(-1)[idx]
+        sqn = take(sq, idx)
         if normalizing:
-            syn = layout.synthetic_slot.view(-1)[idx]
+            syn = take(layout.synthetic_slot, idx)
         else:
             syn = torch.zeros_like(idx, dtype=torch.bool)
         same_point = layout.class_eye & (p_slot == q_slot)

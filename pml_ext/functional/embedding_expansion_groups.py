@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import HardestPairs, _mat_from_gram, _sq_norms, safe_sqrt
+from .embedding_expansion import HardestPairs, _mat_from_gram, _sq_norms, safe_sqrt, take, take_columns
 from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
@@ -289,14 +289,14 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
         def group_weights(g: ClassGroup) -> torch.Tensor:
             """[C_g, K_g, k_g] the group's points over their classes' originals, EE Eq. 2 included."""
             w = g.weights.to(gd.dtype)
-            return w if scale is None else w * scale[g.slots][..., None]
+            return w if scale is None else w * take(scale, g.slots)[..., None]
 
         def against(g: ClassGroup, w: torch.Tensor, lo: int, hi: int):
             """Search values of classes lo..hi-1 of group g against positions g.row_start..M-1,
             [classes, K_g, positions]: a batched product over each class's originals."""
             k = w.shape[2]
             rows = gt[:, g.row_start:].index_select(0, g.originals[lo * k:hi * k]).view(hi - lo, k, -1)
-            return transform(torch.bmm(w[lo:hi], rows), lambda: sq[g.slots[lo:hi]][..., None],
+            return transform(torch.bmm(w[lo:hi], rows), lambda: take(sq, g.slots[lo:hi])[..., None],
                              lambda: sq[g.row_start:])
 
         def best_points(g: ClassGroup, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -304,8 +304,8 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             ``targets[c, y]``, one point per class y: a batched product over each class's originals."""
             cg, k = w.shape[0], w.shape[2]
             lin = g.originals.view(cg, k, 1) * m + targets[:, None, :]  # gt[original, target]
-            r = torch.bmm(gt.reshape(-1)[lin].transpose(1, 2), w.transpose(1, 2))  # [C_g, C, K_g]
-            vals = transform(r, lambda: sq[targets][..., None], lambda: sq[g.slots][:, None, :])
+            r = torch.bmm(take(gt, lin).transpose(1, 2), w.transpose(1, 2))  # [C_g, C, K_g]
+            vals = transform(r, lambda: take(sq, targets)[..., None], lambda: take(sq, g.slots)[:, None, :])
             _, slot = (torch.max if inverted else torch.min)(vals, dim=2)
             return g.slots.gather(1, slot)
 
@@ -333,16 +333,17 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
                       torch.where(direct, cols, torch.where(mirror, rows.t(), first[None, :])))
         best = torch.where(direct, best_yx.t(), best_yx)
         if bool(grouped.alone.any()):
-            self_value = transform(sq[first], lambda: sq[first], lambda: sq[first])
+            sq_first = take(sq, first)
+            self_value = transform(sq_first, lambda: sq_first, lambda: sq_first)
             best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
         idx = torch.stack([rows, cols])  # [2, C, C] positions of the row and the column point
-        ends = grouped.endpoints[:, idx].transpose(0, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
-        wsel = torch.stack([wf, ws])[:, idx].transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
-        sqn = sq[idx]
-        syn = grouped.synthetic[idx] if normalizing else torch.zeros_like(idx, dtype=torch.bool)
+        ends = take_columns(grouped.endpoints, idx).transpose(0, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
+        wsel = take_columns(torch.stack([wf, ws]), idx).transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
+        sqn = take(sq, idx)
+        syn = take(grouped.synthetic, idx) if normalizing else torch.zeros_like(idx, dtype=torch.bool)
         same = rows == cols
-        rows, cols = order[rows], order[cols]
+        rows, cols = take(order, rows), take(order, cols)
     hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], same, kind, distance.power)
     return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .embedding_expansion import safe_sqrt
+from .embedding_expansion import safe_sqrt, take
 
 __all__: list = []  # internal to the searches
 
@@ -45,7 +45,7 @@ class _SelectedPairs(torch.autograd.Function):
         er, ec, wr, wc = ends[:2], ends[2:], wn[:2], wn[2:]
         lin_rc = er[:, None] * b + ec[None, :]  # [2, 2, ...]
         w_rc = _outer(wr, wc)
-        base = (gram.reshape(-1)[lin_rc] * w_rc).sum((0, 1))  # inner product of the two points
+        base = (take(gram, lin_rc) * w_rc).sum((0, 1))  # inner product of the two points
         value = base
         if euclidean:
             value = safe_sqrt((sqn_r + sqn_c - 2 * base).masked_fill(same, 0))

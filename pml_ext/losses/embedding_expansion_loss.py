@@ -295,7 +295,7 @@ class _TwoGathers(torch.autograd.Function):
         ctx.save_for_backward(i, j)
         ctx.shape = mat.shape
         flat = mat.reshape(-1)
-        return flat[i], flat[j]
+        return flat.index_select(0, i), flat.index_select(0, j)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -339,7 +339,9 @@ def _dense_lifted(loss, hb: HardenedBatch, labels):
     mat = hb.hardened_matrix()
     neg_terms = loss.distance.margin(loss.neg_margin, mat).masked_fill(~hb.layout.negative, float("-inf"))
     e = torch.logsumexp(neg_terms, dim=1)
-    per_pair = torch.relu(torch.logaddexp(e[a], e[p]) + loss.distance.margin(mat[a, p], loss.pos_margin)) ** 2 / 2
+    pos = F.take(mat, a * mat.shape[0] + p)
+    per_pair = torch.relu(torch.logaddexp(e.index_select(0, a), e.index_select(0, p))
+                          + loss.distance.margin(pos, loss.pos_margin)) ** 2 / 2
     return {"loss": {"losses": per_pair, "indices": (a, p), "reduction_type": "pos_pair"}}
 
 
@@ -393,7 +395,9 @@ def _dense_npairs(loss, hb: HardenedBatch, labels):
     # its diagonal and its class pair's hardest value everywhere else: no [B, B] matrix needed
     ca = hb.classes[a]
     eye = torch.eye(len(a), dtype=torch.bool, device=a.device)
-    sim = torch.where(eye, hb.originals_mat[a, p][:, None], hb.hardest[ca[:, None], ca[None, :]])
+    c = hb.hardest.shape[0]
+    sim = torch.where(eye, F.take(hb.originals_mat, a * len(labels) + p)[:, None],
+                      F.take(hb.hardest, ca[:, None] * c + ca[None, :]))
     if not loss.distance.is_inverted:
         sim = -sim
     targets = torch.arange(len(a), device=sim.device)

@@ -35,7 +35,7 @@ class HardenedBatch(NamedTuple):
         """The batch's own [B, B] matrix with every negative pair's value replaced by the hardest
         value of its class pair (positives keep theirs): what a wrapped loss sees."""
         lay = self.layout
-        return torch.where(lay.negative, self.hardest.reshape(-1)[lay.pair_index], self.originals_mat)
+        return torch.where(lay.negative, F.take(self.hardest, lay.pair_index), self.originals_mat)
 
 
 _HOW_TO_USE = (
