@@ -191,6 +191,21 @@ def test_stats_reads_hdml_terms_after_a_forward():
     assert got["J_gen"] > 0 and 0 < got["metric_weight"] <= 1 and 0 < got["hardness_decay"] <= 1
 
 
+@pytest.mark.parametrize("name", ["fontglyphs_pretrained", "fontglyphs_pretrained_finetune",
+                                  "fontglyphs_pretrained_finetune_100cls", "iconthemes_pretrained"])
+def test_pretrained_configs_run_npair_hdml_uncapped_as_their_stored_results(name):
+    """The JSON null reaches HDMLLoss as None (N-pair uncapped, as the stored results were made);
+    HDML-Triplet keeps its cap of 128."""
+    defaults = load_config(name)["defaults"]
+    npair, _, _ = harness.build_method("hdml", "npair", defaults["npair"], 12, 6, 32)
+    triplet, _, _ = harness.build_method("hdml", "triplet", defaults["triplet"], 12, 6, 32)
+    assert npair.tuple_mode == "npair" and npair.max_synthetic_tuples is None
+    assert triplet.max_synthetic_tuples == 128
+    x, y = torch.randn(128, 12), torch.arange(32).repeat(4)  # the regime's batch: 32 classes x 4
+    npair(x, y, torch.nn.Linear(12, 6))
+    assert npair.num_synthetic_tuples == 32 * 31
+
+
 def test_stats_prefers_the_wrappers_record_over_its_miners():
     """EE records on the wrapper; a given miner with collect_stats keeps its stale zero."""
     from pytorch_metric_learning import losses as pml_losses

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -159,6 +159,8 @@ def hardness_aware_npair_negatives(
     alpha: Scalar,
     j_avg: Scalar,
     return_coefficients: bool = False,
+    *,
+    targets: Optional[torch.Tensor] = None,
 ):
     """Hardness-aware negatives in the N-pair layout (HDML augmentor; official ``Pulling``, N-pair branch).
 
@@ -166,24 +168,39 @@ def hardness_aware_npair_negatives(
     ``positives[j]`` (j != i) is one of its negatives and is pulled toward ``anchors[i]`` with
     ``d+ = ||anchors[i] - positives[i]||`` and ``d- = ||anchors[i] - positives[j]||``.
 
+    ``targets`` (optional, ``[R]`` integer, keyword only) gives some anchors' rows only: then
+    ``anchors`` is ``[R, d]`` and anchor ``i``'s own positive is ``positives[targets[i]]`` (its
+    column in the ``N`` candidates; the rows ``targets`` of the full layout, for
+    ``anchors = all_anchors[targets]``).
+
     Returns:
-        ``out`` of shape ``[N, N, d]`` with ``out[i, j]`` = the (possibly pulled) negative
-        ``positives[j]`` seen from anchor ``i``, and ``out[i, i] = positives[i]`` (the anchor's own
-        positive, never modified). Row ``i`` is therefore the candidate set of anchor ``i`` for
-        an N-pair loss whose target is column ``i``.
-        With ``return_coefficients``: ``(out, coef [N, N], mask [N, N])``; the diagonal has
-        ``coef = 1`` and ``mask = False``.
+        ``out`` of shape ``[N, N, d]`` (``[R, N, d]`` with ``targets``) with ``out[i, j]`` = the
+        (possibly pulled) negative ``positives[j]`` seen from anchor ``i``, and
+        ``out[i, i] = positives[i]`` (``out[i, targets[i]]``: the anchor's own positive, never
+        modified). Row ``i`` is therefore the candidate set of anchor ``i`` for an N-pair loss
+        whose target is column ``i`` (``targets[i]``).
+        With ``return_coefficients``: ``(out, coef, mask)``, each ``[N, N]`` (``[R, N]``); the own
+        positive has ``coef = 1`` and ``mask = False``.
     """
-    _check_embeddings(anchors=anchors, positives=positives)
-    n, d = anchors.shape
-    d_pos = _safe_norm(anchors - positives)  # [N]
-    diff = positives.unsqueeze(0) - anchors.unsqueeze(1)  # [N, N, d]: positives[j] - anchors[i]
-    d_neg = _safe_norm(diff)  # [N, N]
-    coef, mask = hardness_aware_coefficients(d_pos.unsqueeze(1).expand(n, n), d_neg, alpha, j_avg)
-    eye = torch.eye(n, dtype=torch.bool, device=anchors.device)
-    mask = mask & ~eye
-    coef = torch.where(eye, torch.ones_like(coef), coef)
-    negs = positives.unsqueeze(0).expand(n, n, d)
+    if targets is None:
+        _check_embeddings(anchors=anchors, positives=positives)
+        own_positives = positives
+        own = torch.eye(len(positives), dtype=torch.bool, device=anchors.device)
+    else:
+        _check_embeddings(positives=positives)
+        if not torch.is_tensor(targets) or targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
+            raise ValueError("targets must be a 1-D integer tensor (each anchor's column in positives)")
+        own_positives = positives.index_select(0, targets.to(device=positives.device, dtype=torch.long))
+        _check_embeddings(anchors=anchors, own_positives=own_positives)
+        own = targets.to(anchors.device).unsqueeze(1) == torch.arange(len(positives), device=anchors.device)
+    r, n, d = anchors.shape[0], positives.shape[0], positives.shape[1]
+    d_pos = _safe_norm(anchors - own_positives)  # [R]
+    diff = positives.unsqueeze(0) - anchors.unsqueeze(1)  # [R, N, d]: positives[j] - anchors[i]
+    d_neg = _safe_norm(diff)  # [R, N]
+    coef, mask = hardness_aware_coefficients(d_pos.unsqueeze(1).expand(r, n), d_neg, alpha, j_avg)
+    mask = mask & ~own
+    coef = torch.where(own, torch.ones_like(coef), coef)
+    negs = positives.unsqueeze(0).expand(r, n, d)
     pulled = anchors.unsqueeze(1) + diff * coef.unsqueeze(-1)
     out = torch.where(mask.unsqueeze(-1), pulled, negs)
     if return_coefficients:

@@ -9,7 +9,8 @@ the synthetic tuples out for the wrapped metric loss:
 - triplets: the ``B`` originals (or their regenerated copies) first, then one synthetic negative
   per triplet, so triplet ``t`` is ``(a_idx[t], p_idx[t], B + t)``;
 - N-pair: anchor ``i``'s candidates are row ``i`` of a ``[N, N, d]`` tensor, its own positive at
-  column ``i`` (the target).
+  column ``i`` (the target); when only some anchors' rows are synthesised (``rows``, the N-pair
+  cap), ``[R, N, d]`` with anchor ``a_idx[rows[r]]``'s own positive at column ``rows[r]``.
 
 It also holds the per-tuple values the loss computes on them (row-wise pair values, each anchor's
 similarities to its own candidate row). Nothing here owns parameters or state; the module that
@@ -26,6 +27,7 @@ from .hardness_aware import Scalar, hardness_aware_negatives, hardness_aware_npa
 __all__ = [
     "gather_rows",
     "cap_tuples",
+    "cap_npair_rows",
     "batch_triplet_negatives",
     "batch_npair_negatives",
     "synthetic_triplets",
@@ -51,6 +53,19 @@ def cap_tuples(indices: Tuple[torch.Tensor, ...], max_tuples: Optional[int]) -> 
     return tuple(indices)
 
 
+def cap_npair_rows(num_anchors: int, max_negatives: Optional[int], device=None) -> Optional[torch.Tensor]:
+    """The N-pair anchors whose candidate rows are synthesised under a cap on synthetic negatives.
+
+    ``None`` (every row) when ``N·(N-1) <= max_negatives`` or ``max_negatives`` is None; no random
+    number is drawn then. Else ``R = max(1, max_negatives // (N-1))`` anchor positions chosen
+    uniformly at random (one ``torch.randperm`` on ``device``, as :func:`cap_tuples`): ``R·(N-1)``
+    synthetic negatives, at most ``max_negatives`` unless it is below ``N-1`` (one row then)."""
+    n = num_anchors
+    if max_negatives is None or n * (n - 1) <= max_negatives:
+        return None
+    return torch.randperm(n, device=device)[: max(1, max_negatives // (n - 1))]
+
+
 def batch_triplet_negatives(
     emb: torch.Tensor, a_idx: torch.Tensor, p_idx: torch.Tensor, n_idx: torch.Tensor, alpha: Scalar, j_avg: Scalar
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,16 +76,29 @@ def batch_triplet_negatives(
 
 
 def batch_npair_negatives(
-    emb: torch.Tensor, a_idx: torch.Tensor, p_idx: torch.Tensor, alpha: Scalar, j_avg: Scalar
+    emb: torch.Tensor,
+    a_idx: torch.Tensor,
+    p_idx: torch.Tensor,
+    alpha: Scalar,
+    j_avg: Scalar,
+    rows: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(cands [N, N, d], coef, mask)``: the N-pair candidate rows with pulled negatives
     (:func:`~pml_ext.functional.hardness_aware.hardness_aware_npair_negatives`); ``coef`` and
     ``mask`` cover the ``N·(N-1)`` real negatives only (the diagonal, each anchor's own positive,
-    is left out of the statistics)."""
+    is left out of the statistics). ``rows`` (positions in ``a_idx``, e.g. from
+    :func:`cap_npair_rows`): only those anchors' rows, ``[R, N, d]``, and ``R·(N-1)`` statistics."""
+    if rows is None:
+        z_neg, coef, mask = hardness_aware_npair_negatives(
+            gather_rows(emb, a_idx), gather_rows(emb, p_idx), alpha, j_avg, return_coefficients=True
+        )  # [N, N, D]
+        off = ~torch.eye(len(a_idx), dtype=torch.bool, device=emb.device)
+        return z_neg, coef[off], mask[off]
     z_neg, coef, mask = hardness_aware_npair_negatives(
-        gather_rows(emb, a_idx), gather_rows(emb, p_idx), alpha, j_avg, return_coefficients=True
-    )  # [N, N, D]
-    off = ~torch.eye(len(a_idx), dtype=torch.bool, device=emb.device)
+        gather_rows(emb, a_idx.index_select(0, rows)), gather_rows(emb, p_idx), alpha, j_avg,
+        return_coefficients=True, targets=rows,
+    )  # [R, N, D]
+    off = rows.unsqueeze(1) != torch.arange(len(p_idx), device=rows.device)
     return z_neg, coef[off], mask[off]
 
 
@@ -93,11 +121,17 @@ def synthetic_triplets(
     return syn_emb, syn_labels, syn_tuple
 
 
-def npair_candidates_with_positives(cands: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def npair_candidates_with_positives(
+    cands: torch.Tensor, positives: torch.Tensor, rows: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The candidate rows ``cands [N, N, d]`` with the real positives ``[N, d]`` on the diagonal
-    (anchor ``i``'s target at column ``i``)."""
-    eye = torch.eye(cands.shape[0], dtype=torch.bool, device=positives.device).unsqueeze(-1)
-    return torch.where(eye, positives.unsqueeze(0).expand_as(cands), cands)
+    (anchor ``i``'s target at column ``i``); with ``rows``, ``cands`` is ``[R, N, d]`` and row ``r``
+    gets its positive at column ``rows[r]``."""
+    if rows is None:
+        own = torch.eye(cands.shape[0], dtype=torch.bool, device=positives.device)
+    else:
+        own = rows.to(positives.device).unsqueeze(1) == torch.arange(cands.shape[1], device=positives.device)
+    return torch.where(own.unsqueeze(-1), positives.unsqueeze(0).expand_as(cands), cands)
 
 
 def row_pair_values(q: torch.Tensor, i: torch.Tensor, j: torch.Tensor, kind: str, power) -> torch.Tensor:
@@ -109,8 +143,9 @@ def row_pair_values(q: torch.Tensor, i: torch.Tensor, j: torch.Tensor, kind: str
 
 
 def own_row_similarities(mat: torch.Tensor, n: int) -> torch.Tensor:
-    """From ``mat [N, N*N]`` (anchor ``i`` against every candidate of every row), anchor ``i``
-    against its own candidate row: ``out[i, j] = mat[i, i*N + j]``, ``[N, N]``."""
-    rows = torch.arange(n, device=mat.device)
-    cols = rows.unsqueeze(1) * n + rows.unsqueeze(0)
+    """From ``mat [R, R*N]`` (anchor ``i`` against every candidate of every row; ``R = N`` unless
+    only some rows were synthesised), anchor ``i`` against its own candidate row:
+    ``out[i, j] = mat[i, i*N + j]``, ``[R, N]``."""
+    rows = torch.arange(mat.shape[0], device=mat.device)
+    cols = rows.unsqueeze(1) * n + torch.arange(n, device=mat.device).unsqueeze(0)
     return mat[rows.unsqueeze(1), cols]

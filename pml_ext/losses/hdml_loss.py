@@ -30,8 +30,8 @@ from .running_loss_average import RunningLossAverage
 
 __all__ = ["HDMLLoss", "HDMLNonFiniteError", "RunningLossAverage", "default_hdml_generator"]
 
-# the default cap on synthetic triplets per step (max_synthetic_tuples), chosen from
-# ``python -m benchmarks.perf_steps --losses triplet --hdml-caps ...`` (README, HDML)
+# the default cap on synthetic negatives per step (max_synthetic_tuples: triplets, or N-pair anchor
+# rows of T-1 negatives), chosen from ``python -m benchmarks.perf_steps --hdml-caps ...`` (README, HDML)
 DEFAULT_MAX_SYNTHETIC_TUPLES = 512
 
 
@@ -139,12 +139,12 @@ class HDMLLoss(_HDMLSyntheticTuples, ModuleWithRecords):
             adaptive ``1 - exp(-β/J_gen_avg)`` with a generator, 0.5 without.
         triplets_per_anchor: triplets synthesised when no tuples are given/mined; ``None`` = the
             wrapped loss's ``triplets_per_anchor`` if it has one, else ``"all"``.
-        max_synthetic_tuples: cap T on synthetic triplets per step (a random subset of the given,
-            mined or default triplets; J_m still sees all of them); default 512, chosen from a
-            side-by-side measurement (README, HDML: the FontGlyphs HDML-Triplet step with
-            semi-hard mining went from 1.29x the plain step without a cap to 1.12x); ``None`` =
-            no cap. The official code uses 40 triplets per batch. N-pair mode is not capped
-            (N·(N-1) negatives for N classes).
+        max_synthetic_tuples: cap on synthetic negatives per step; J_m still sees every tuple.
+            Triplets: a random subset (the official code uses 40 per batch). N-pair (T anchors,
+            T·(T-1) negatives): R = max(1, cap // (T-1)) random anchors keep their whole candidate
+            rows, own positive as target (R·(T-1) negatives); at or below the cap nothing changes.
+            Default 512, chosen side by side (README, HDML; FontGlyphs step / plain without and with
+            it: Triplet, semi-hard mining, 1.29x / 1.12x; N-pair, 32 classes, 1.19x / 1.12x); ``None`` = no cap.
         average: ``"block"`` (official) or ``"ema"`` for J_avg and J_gen_avg.
         block_size: block length of the block average (official 64).
         ema_momentum: momentum of the ema option.

@@ -1,8 +1,10 @@
 """The synthetic tuples of Hardness-Aware Deep Metric Learning (Zheng, Chen, Lu, Zhou, CVPR 2019,
 arXiv 1903.05503) and what is computed on them, as part of :class:`pml_ext.losses.HDMLLoss`.
 
-Per batch: the tuples (given, mined or the wrapped loss's default; triplets capped at
-``max_synthetic_tuples``), their negatives pulled toward the anchors, and then either
+Per batch: the tuples (given, mined or the wrapped loss's default; capped at
+``max_synthetic_tuples`` synthetic negatives: a random subset of the triplets, or in N-pair mode of
+the anchors, each kept anchor with its whole candidate row), their negatives pulled toward the
+anchors, and then either
 
 - without a generator: ``J_syn``, the wrapped loss on the pulled negatives in embedding space;
 - with the generator: the generator maps the real embeddings and the pulled negatives back to
@@ -77,10 +79,15 @@ class _HDMLSyntheticTuples:
             a_idx, p_idx = lmu.convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)
             a_idx, p_idx = a_idx.to(labels.device).long(), p_idx.to(labels.device).long()
             T = len(a_idx)
+            # the cap counts synthetic negatives: over it, R random anchors keep their whole
+            # candidate rows (rows = their positions in a_idx, also their target columns);
+            # None = every row, and no random number drawn
+            rows = HT.cap_npair_rows(T, self.max_synthetic_tuples, labels.device)
+            a_syn = a_idx if rows is None else a_idx.index_select(0, rows)  # the synthetic rows' anchors
             if T > 0:
-                # [N, N, D]; statistics over real negatives only
-                z_neg, coef, mask = HT.batch_npair_negatives(emb, a_idx, p_idx, self.alpha, j_avg)
-        n_syn = T if self.tuple_mode == "triplet" else T * max(T - 1, 0)
+                # [R, N, D] (R = N uncapped); statistics over the kept rows' real negatives only
+                z_neg, coef, mask = HT.batch_npair_negatives(emb, a_idx, p_idx, self.alpha, j_avg, rows=rows)
+        n_syn = T if self.tuple_mode == "triplet" else len(a_syn) * max(T - 1, 0)
 
         terms: Dict[str, torch.Tensor] = {}
 
@@ -100,7 +107,7 @@ class _HDMLSyntheticTuples:
                 syn_emb, syn_labels, syn_tuple = HT.synthetic_triplets(emb, z_neg, labels, a_idx, p_idx, n_idx)
                 j_syn = self._triplet_syn_loss(syn_emb, syn_labels, syn_tuple)
             else:
-                j_syn = self._npair_syn_loss(HT.gather_rows(emb, a_idx), z_neg, a_idx, labels)
+                j_syn = self._npair_syn_loss(HT.gather_rows(emb, a_syn), z_neg, a_syn, labels, rows)
             return n_syn, j_syn, terms, rec
 
         y_real = features.detach() if routed else features
@@ -126,13 +133,13 @@ class _HDMLSyntheticTuples:
                 soft_lab = torch.cat([labels[a_idx], labels[p_idx], neg_labels], 0)
             terms["J_soft"] = HA.hdml_soft_loss(logits, soft_lab, self.lambda_, self.softmax_factor)
         else:
-            cand_labels = labels[p_idx].unsqueeze(0).expand(T, T).reshape(-1)
+            cand_labels = labels[p_idx].unsqueeze(0).expand(len(a_syn), T).reshape(-1)
             j_soft = HA.hdml_soft_loss(
                 self._classify(syn_gen, routed), cand_labels, self.lambda_, self.softmax_factor
             )
             if self.synthesize == "all":  # official genSoftmax: + CE on regenerated anchors
                 j_soft = j_soft + HA.hdml_soft_loss(
-                    self._classify(HT.gather_rows(recon_gen, a_idx), routed), labels[a_idx], self.lambda_,
+                    self._classify(HT.gather_rows(recon_gen, a_syn), routed), labels[a_syn], self.lambda_,
                     self.softmax_factor,
                 )
             terms["J_soft"] = j_soft
@@ -145,13 +152,13 @@ class _HDMLSyntheticTuples:
             syn_emb, syn_labels, syn_tuple = HT.synthetic_triplets(base, neg_emb, labels, a_idx, p_idx, n_idx)
             j_syn = self._triplet_syn_loss(syn_emb, syn_labels, syn_tuple)
         else:
-            cands = neg_emb.reshape(T, T, -1)
+            cands = neg_emb.reshape(len(a_syn), T, -1)
             if self.synthesize == "all":
-                anchors = HT.gather_rows(recon_emb, a_idx)
+                anchors = HT.gather_rows(recon_emb, a_syn)
             else:
-                anchors = HT.gather_rows(emb, a_idx)
-                cands = HT.npair_candidates_with_positives(cands, HT.gather_rows(emb, p_idx))
-            j_syn = self._npair_syn_loss(anchors, cands, a_idx, labels)
+                anchors = HT.gather_rows(emb, a_syn)
+                cands = HT.npair_candidates_with_positives(cands, HT.gather_rows(emb, p_idx), rows)
+            j_syn = self._npair_syn_loss(anchors, cands, a_syn, labels, rows)
         return n_syn, j_syn, terms, rec
 
     def _triplets(self, indices_tuple, labels):
@@ -187,17 +194,19 @@ class _HDMLSyntheticTuples:
         return loss.reducer({"loss": {"losses": per, "indices": syn_tuple, "reduction_type": "triplet"}},
                             syn_emb, syn_labels)
 
-    def _npair_syn_loss(self, anchors, cands, a_idx, labels):
-        """N-pair CE where anchor i's candidates are row i of ``cands`` [N, N, D], target i."""
+    def _npair_syn_loss(self, anchors, cands, a_idx, labels, rows=None):
+        """N-pair CE where anchor i's candidates are row i of ``cands`` [N, N, D], target i; with
+        ``rows`` (the N-pair cap), ``cands`` is [R, N, D] and row r's target is ``rows[r]``."""
         dist = self.loss.distance
-        n, _, d = cands.shape
+        r, n, d = cands.shape
         # one call of the distance's own forward (normalisation, power, as the wrapped loss does),
-        # [N, N*N], then keep anchor i against its own row: sim[i, j] = mat[i, i*N + j]
-        mat = dist(anchors, cands.reshape(n * n, d))
+        # [R, R*N], then keep anchor i against its own row: sim[i, j] = mat[i, i*N + j]
+        mat = dist(anchors, cands.reshape(r * n, d))
         sim = HT.own_row_similarities(mat, n)
         if not dist.is_inverted:
             sim = -sim
-        ce = tnf.cross_entropy(sim, torch.arange(n, device=sim.device), reduction="none")
+        target = torch.arange(n, device=sim.device) if rows is None else rows.to(sim.device)
+        ce = tnf.cross_entropy(sim, target, reduction="none")
         loss_dict = {"loss": {"losses": ce, "indices": a_idx, "reduction_type": "element"}}
         return self.loss.reducer(loss_dict, anchors, labels[a_idx])
 

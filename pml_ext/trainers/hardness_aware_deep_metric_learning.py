@@ -174,8 +174,8 @@ class HardnessAwareDeepMetricLearning(BaseTrainer):
         num_classes: training classes, for the default classifier (labels must lie in
             ``[0, num_classes)``; PML's ``set_min_label_to_zero`` helps).
         alpha, beta, lambda\_, softmax_factor, max_synthetic_tuples, on_nonfinite: as in
-            :class:`HDMLLoss` (official 90, 1e4, 0.5, 1e4; cap 512; ``"raise"``). With
-            ``on_nonfinite="skip"`` a non-finite batch steps no optimiser.
+            :class:`HDMLLoss` (official 90, 1e4, 0.5, 1e4; cap 512 synthetic negatives, triplet and
+            N-pair mode; ``"raise"``). With ``on_nonfinite="skip"`` a non-finite batch steps no optimiser.
         generator_hidden_size: hidden width of the default generator (512).
         hdml_options: any other :class:`HDMLLoss` keyword (``synthesize``, ``tuple_mode``,
             ``average``, ``block_size``, ``initial_average``, ``javg_source``,
