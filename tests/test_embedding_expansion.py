@@ -359,7 +359,7 @@ def test_search_on_inner_products_selects_the_smallest_distance(balanced):
 def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes, monkeypatch):
     """The dense Triplet / Lifted / N-pair / Contrastive paths give exactly what PML computes
     through its index lists (N-pair: through the sub-batches it hands its distance)."""
-    import pml_ext.losses.embedding_expansion_loss as eel
+    import pml_ext.losses.embedding_expansion_dense as eel
 
     taken = []
     for name in ("_dense_triplet", "_dense_lifted", "_dense_npairs", "_dense_contrastive"):
@@ -573,7 +573,7 @@ def test_selection_ratio_matches_brute_force(classes):
 def test_dense_triplet_by_gathered_triplets_equals_pml(monkeypatch, make, flat):
     """The dense Triplet path on a long-tailed batch, through the [B, P, B] box or the triplets'
     flat indices, gives what PML computes through its index lists (values and gradients)."""
-    import pml_ext.losses.embedding_expansion_loss as L
+    import pml_ext.losses.embedding_expansion_dense as L
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
     monkeypatch.setattr(L, "_FLAT_TRIPLETS", flat)
@@ -592,9 +592,9 @@ def test_dense_triplet_by_gathered_triplets_equals_pml(monkeypatch, make, flat):
 def test_dense_path_only_for_reducers_that_read_the_losses_alone():
     """MultipleReducers over plain reducers (Contrastive's default) takes the dense path; any
     reducer that reads more than the per-pair losses (here DivisorReducer) keeps PML's own."""
-    from pml_ext.losses.embedding_expansion_loss import _dense_contrastive, _dense_loss
+    from pml_ext.losses.embedding_expansion_dense import _dense_contrastive, dense_loss
 
-    assert _dense_loss(losses.ContrastiveLoss(), None) is _dense_contrastive
+    assert dense_loss(losses.ContrastiveLoss(), None) is _dense_contrastive
     custom = reducers.MultipleReducers({"pos_loss": reducers.DivisorReducer()})
-    assert _dense_loss(losses.ContrastiveLoss(reducer=custom), None) is None
-    assert _dense_loss(losses.ContrastiveLoss(), (torch.tensor([0]),) * 4) is None
+    assert dense_loss(losses.ContrastiveLoss(reducer=custom), None) is None
+    assert dense_loss(losses.ContrastiveLoss(), (torch.tensor([0]),) * 4) is None

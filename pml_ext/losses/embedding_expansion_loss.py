@@ -12,6 +12,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from .. import functional as F
 from ..miners.embedding_expansion_miner import EmbeddingExpansionMiner, HardenedBatch
 from ..utils.distributed import in_rank_order
+from .embedding_expansion_dense import dense_loss
 
 __all__ = ["EmbeddingExpansionLoss", "UNSUPPORTED_LOSSES", "unsupported_reason"]
 
@@ -187,7 +188,7 @@ class EmbeddingExpansionLoss(BaseMetricLossFunction):
         embeddings, labels, indices_tuple = in_rank_order(self, embeddings, labels, indices_tuple)
         distance = self.loss.distance
         hardened = self.miner.harden(embeddings, labels, distance=distance, record_on=self)
-        dense = _dense_loss(self.loss, indices_tuple)
+        dense = dense_loss(self.loss, indices_tuple)
         if dense is not None:
             self.loss.reset_stats()
             return self.loss.reducer(dense(self.loss, hardened, labels), embeddings, labels)
@@ -221,187 +222,6 @@ def _check_miner(miner, given: Dict[str, object]) -> None:
 
 def _has_pairs(layout: F.BatchLayout) -> bool:
     return bool(layout.positive.any()) and bool(layout.negative.any())
-
-
-# PML reducers that read the per-tuple losses alone (not their indices' embeddings): a dense
-# path may produce the same losses its own way
-PLAIN_REDUCERS = (reducers.MeanReducer, reducers.AvgNonZeroReducer, reducers.ThresholdReducer,
-                  reducers.SumReducer)
-
-
-def _reads_losses_alone(reducer) -> bool:
-    """A plain reducer, or PML's MultipleReducers (the default of losses with several sub-losses,
-    e.g. Contrastive) over plain ones."""
-    if type(reducer) is reducers.MultipleReducers:
-        return all(type(r) in PLAIN_REDUCERS for r in [*reducer.reducers.values(), reducer.default_reducer])
-    return type(reducer) in PLAIN_REDUCERS
-
-
-def _dense_loss(loss, indices_tuple):
-    """A dense computation of the loss on the hardened matrix, when it gives exactly PML's value.
-
-    PML evaluates Triplet and Lifted Structure through index lists built from a B³ mask or a
-    (#positive x #negative pairs) mask, N-pair through sub-batches it hands its distance, and
-    Contrastive through the [B, B] matrix at every pair;
-    on the hardened matrix the same values need only dense per-anchor arithmetic, with the
-    index lists built once per label pattern (:meth:`BatchLayout.extra`). Used with all tuples
-    (no indices_tuple), PML's reducers that look at the losses alone, and no embedding
-    regulariser; otherwise the wrapped loss runs as is.
-    """
-    if indices_tuple is not None or getattr(loss, "embedding_regularizer", None) is not None:
-        return None
-    if not _reads_losses_alone(loss.reducer):
-        return None
-    if type(loss) is losses.TripletMarginLoss and loss.triplets_per_anchor == "all" and not loss.swap:
-        return _dense_triplet
-    if type(loss) is losses.LiftedStructureLoss:
-        return _dense_lifted
-    if type(loss) is losses.NPairsLoss:
-        return _dense_npairs
-    if type(loss) is losses.ContrastiveLoss:
-        return _dense_contrastive
-    return None
-
-
-def _triplet_structure(layout: F.BatchLayout):
-    """Positives of every anchor padded to P slots, the (a, p, n) triplets in PML's order, and
-    (when the padded box is mostly empty) their flat indices into the [B, B] matrix."""
-    pos = layout.positive
-    p = int(pos.sum(1).max()) if pos.numel() else 0
-    if p == 0 or not bool(layout.negative.any()):
-        return None
-    pos8 = pos.to(torch.uint8)
-    pos_idx = torch.sort(pos8, dim=1, descending=True, stable=True).indices[:, :p]
-    # [B, P, B] as a uint8 product viewed as bool (the bool broadcast & is ~15x slower on CPU)
-    valid = (pos8.gather(1, pos_idx)[:, :, None] * layout.negative.to(torch.uint8)[:, None, :]).view(torch.bool)
-    a, slot, n = valid.nonzero(as_tuple=True)
-    pp = pos_idx.reshape(-1)[a * p + slot]
-    b = pos.shape[0]
-    # a mostly empty [B, P, B] box (long-tailed classes: P is the largest class's): the triplets'
-    # flat indices into the [B, B] matrix instead
-    flat = (a * b + pp, a * b + n) if a.numel() < _FLAT_TRIPLETS * valid.numel() else None
-    return pos_idx, valid, (a, pp, n), flat
-
-
-_FLAT_TRIPLETS = 0.35  # below this fraction of valid (a, slot, n) entries, gather the triplets
-
-
-class _TwoGathers(torch.autograd.Function):
-    """``mat.flatten()[i]`` and ``mat.flatten()[j]``; the backward adds both gradients into one
-    buffer with ``index_add_`` (faster on CPU than autograd's backward of two index operations)."""
-
-    @staticmethod
-    def forward(ctx, mat, i, j):
-        ctx.save_for_backward(i, j)
-        ctx.shape = mat.shape
-        flat = mat.reshape(-1)
-        return flat.index_select(0, i), flat.index_select(0, j)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gi, gj):
-        i, j = ctx.saved_tensors
-        grad = gi.new_zeros(ctx.shape[0] * ctx.shape[1])
-        grad.index_add_(0, i, gi).index_add_(0, j, gj)
-        return grad.view(ctx.shape), None, None
-
-
-def _dense_triplet(loss, hb: HardenedBatch, labels):
-    """TripletMarginLoss over all (a, p, n): [B, P, B] with P = most positives of an anchor."""
-    structure = hb.layout.extra("triplet", _triplet_structure)
-    if structure is None:
-        return loss.zero_losses()
-    pos_idx, valid, indices, flat = structure
-    mat = hb.hardened_matrix()
-    if flat is not None:
-        margins = loss.distance.margin(*_TwoGathers.apply(mat, *flat))
-    else:  # the triplets are selected right after the one [B, P, B] operation; PML's arithmetic follows
-        margins = loss.distance.margin(mat.gather(1, pos_idx)[:, :, None], mat[:, None, :]).masked_select(valid)
-    violation = margins + loss.margin
-    per = torch.nn.functional.softplus(violation) if loss.smooth_loss else torch.relu(violation)
-    return {"loss": {"losses": per, "indices": indices, "reduction_type": "triplet"}}
-
-
-def _pair_structure(layout: F.BatchLayout):
-    """Positive pairs (a, p) in PML's order, or None when the batch has no positive or no negative."""
-    if not bool(layout.positive.any()) or not bool(layout.negative.any()):
-        return None
-    return layout.positive.nonzero(as_tuple=True)
-
-
-def _dense_lifted(loss, hb: HardenedBatch, labels):
-    """LiftedStructureLoss: the log-sum-exp over the negatives of a and of p is
-    logaddexp(E_a, E_p) with E_i the log-sum-exp over i's own negatives."""
-    pairs = hb.layout.extra("pairs", _pair_structure)
-    if pairs is None:
-        return loss.zero_losses()
-    a, p = pairs
-    mat = hb.hardened_matrix()
-    neg_terms = loss.distance.margin(loss.neg_margin, mat).masked_fill(~hb.layout.negative, float("-inf"))
-    e = torch.logsumexp(neg_terms, dim=1)
-    pos = F.take(mat, a * mat.shape[0] + p)
-    per_pair = torch.relu(torch.logaddexp(e.index_select(0, a), e.index_select(0, p))
-                          + loss.distance.margin(pos, loss.pos_margin)) ** 2 / 2
-    return {"loss": {"losses": per_pair, "indices": (a, p), "reduction_type": "pos_pair"}}
-
-
-def _all_pairs_structure(layout: F.BatchLayout):
-    """PML's get_all_pairs_indices (positive then negative pairs, row-major), with the flat index
-    of every positive pair into the [B, B] matrix and of every negative pair's class pair into
-    the [C, C] one."""
-    a1, p = layout.positive.nonzero(as_tuple=True)
-    a2, n = layout.negative.nonzero(as_tuple=True)
-    b, c = layout.classes.numel(), layout.num_classes
-    return (a1, p, a2, n), a1 * b + p, layout.classes[a2] * c + layout.classes[n]
-
-
-def _dense_contrastive(loss, hb: HardenedBatch, labels):
-    """ContrastiveLoss over all pairs: a positive pair's value from the batch's own matrix, a
-    negative pair's from its class pair's hardest value, without the [B, B] hardened matrix."""
-    pairs, pos_flat, neg_flat = hb.layout.extra("all_pairs", _all_pairs_structure)
-    if all(len(x) <= 1 for x in pairs):  # PML's GenericPairLoss returns zero losses then
-        return loss.zero_losses()
-    pos_loss = neg_loss = 0
-    if pos_flat.numel():
-        pos_loss = loss.get_per_pair_loss(hb.originals_mat.reshape(-1).index_select(0, pos_flat), "pos")
-    if neg_flat.numel():
-        neg_loss = loss.get_per_pair_loss(hb.hardest.reshape(-1).index_select(0, neg_flat), "neg")
-    return {"pos_loss": {"losses": pos_loss, "indices": pairs[:2], "reduction_type": "pos_pair"},
-            "neg_loss": {"losses": neg_loss, "indices": pairs[2:], "reduction_type": "neg_pair"}}
-
-
-def _npair_structure(layout: F.BatchLayout):
-    """PML's N-pair choice: for every class with a positive pair, its first two samples."""
-    c = layout.num_classes
-    members = layout.originals.view(c, -1)  # batch order inside each class
-    if members.shape[1] < 2:
-        empty = members.new_empty(0)
-        return empty, empty
-    has_pair = torch.bincount(layout.classes, minlength=c) > 1
-    return members[has_pair, 0], members[has_pair, 1]
-
-
-def _dense_npairs(loss, hb: HardenedBatch, labels):
-    """NPairsLoss: PML's anchors and positives (lmu.convert_to_pos_pairs_with_unique_labels:
-    the first two samples of each class, ordered by label), the cross-entropy over their
-    hardened similarity matrix."""
-    a, p = hb.layout.extra("npairs", _npair_structure)
-    loss.num_pairs = len(a)
-    if loss.num_pairs == 0:
-        return loss.zero_losses()
-    order = torch.argsort(labels[a])
-    a, p = a[order], p[order]
-    # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive on
-    # its diagonal and its class pair's hardest value everywhere else: no [B, B] matrix needed
-    ca = hb.classes[a]
-    eye = torch.eye(len(a), dtype=torch.bool, device=a.device)
-    c = hb.hardest.shape[0]
-    sim = torch.where(eye, F.take(hb.originals_mat, a * len(labels) + p)[:, None],
-                      F.take(hb.hardest, ca[:, None] * c + ca[None, :]))
-    if not loss.distance.is_inverted:
-        sim = -sim
-    targets = torch.arange(len(a), device=sim.device)
-    return {"loss": {"losses": loss.cross_entropy(sim, targets), "indices": a, "reduction_type": "element"}}
 
 
 def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from ..functional import hardness_aware as HA
 from ..functional import hardness_aware_tuples as HT
 from ..functional.embedding_expansion import gram_kind
-from .embedding_expansion_loss import PLAIN_REDUCERS
+from .embedding_expansion_dense import PLAIN_REDUCERS
 from .hdml_generator import _frozen_call, _RoutedCall, _zero_from
 
 __all__: list = []  # internal to HDMLLoss
