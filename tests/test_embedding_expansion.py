@@ -412,7 +412,7 @@ def test_expanded_pair_values_equal_the_full_matrix_entries(dist):
 
 def test_gram_function_gradients_and_double_backward():
     """The one-product Gram backward is exact, twice differentiable, and runs under autocast."""
-    from pml_ext.functional.embedding_expansion import _Gram
+    from pml_ext.functional.primitives import _Gram
 
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_Gram.apply, (x,))
@@ -429,7 +429,7 @@ def test_gram_function_gradients_and_double_backward():
 def test_normalized_gram_is_normalize_then_gram():
     """The fused L2-normalise + Gram function: exact gradients twice, and the same values and
     gradients as PML's normalize followed by the Gram matrix, zero and tiny rows included."""
-    from pml_ext.functional.embedding_expansion import _Gram, _NormalizedGram
+    from pml_ext.functional.primitives import _Gram, _NormalizedGram
 
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_NormalizedGram.apply, (x,))
@@ -458,7 +458,7 @@ def test_normalized_gram_is_normalize_then_gram():
 ])
 def test_normalized_gram_dispatch(make, fused, monkeypatch):
     """normalized_gram fuses only PML's own L2 normalisation; otherwise the distance normalises."""
-    from pml_ext.functional import embedding_expansion as ee
+    from pml_ext.functional import primitives as ee
 
     calls = []
     monkeypatch.setattr(ee._NormalizedGram, "apply", lambda x: calls.append(1) or ee._Gram.apply(

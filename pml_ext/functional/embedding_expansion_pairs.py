@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .embedding_expansion import safe_sqrt, take
+from .primitives import safe_sqrt, take
 
 __all__: list = []  # internal to the searches
 

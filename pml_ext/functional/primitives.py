@@ -1,0 +1,88 @@
+"""Small differentiable tensor primitives shared by the EE code: gathers by ``index_select``,
+square root and inverse that stay finite at 0, and the batch's Gram matrix (with PML's L2
+normalisation fused in) whose backward is one matrix product."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["take", "take_columns", "safe_sqrt", "normalized_gram"]
+
+
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t.flatten()[idx]`` for an index of any shape, by ``index_select``: on CPU several times
+    faster than advanced indexing (20k entries: 15 vs 57 µs), and its backward is a vectorised
+    ``index_add`` rather than an accumulating ``index_put``."""
+    return t.reshape(-1).index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
+def take_columns(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[:, idx]`` of a 2-D ``t`` for an index of any shape, by ``index_select``."""
+    return t.index_select(1, idx.reshape(-1)).view(t.shape[0], *idx.shape)
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt that is 0 with zero gradient where x <= 0 (duplicate points), never NaN."""
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), 0.0)
+
+
+def _safe_inverse(norm: torch.Tensor) -> torch.Tensor:
+    """1/norm, and 0 where the norm is 0: a zero-norm midpoint (antipodal endpoints) stays at the
+    origin rather than becoming NaN."""
+    return torch.where(norm > 0, norm.clamp_min(torch.finfo(norm.dtype).tiny).reciprocal(), 0.0)
+
+
+class _Gram(torch.autograd.Function):
+    """x xᵀ whose backward is one product, (g + gᵀ) x, instead of autograd's two."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x @ x.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return (g + g.t()).to(x.dtype) @ x  # differentiable ops: double backward still works
+
+
+_NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which PML's distances use
+
+
+class _NormalizedGram(torch.autograd.Function):
+    """ŷ ŷᵀ with ŷ = x / max(‖x‖, eps) row-wise (``torch.nn.functional.normalize``, p = 2): the
+    same values as ``_Gram(normalize(x))``. Its backward is one product and a row-wise
+    projection, (ĝ − ŷ⟨ŷ, ĝ⟩)/‖x‖ with ĝ = (g + gᵀ)ŷ; autograd's backward of ``normalize`` alone
+    costs several broadcast reductions (on CPU, more than the Gram product)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        denom = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
+        y = x / denom
+        ctx.save_for_backward(x, y, denom)
+        return y @ y.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, denom = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: ŷ and the norm again, as functions of x
+            denom = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
+            y = x / denom
+            gy = (g + g.t()).to(y.dtype) @ y
+            along = (gy * y).sum(1, keepdim=True) * (denom > _NORMALIZE_EPS)
+            return (gy - y * along) / denom
+        gy = (g + g.t()).to(y.dtype) @ y
+        # a row whose norm was clamped to eps is divided by a constant: no projection
+        along = torch.linalg.vecdot(gy, y, dim=1).unsqueeze(1) * (denom > _NORMALIZE_EPS)
+        return gy.addcmul_(y, along, value=-1).div_(denom)  # in place: one [B, d] buffer
+
+
+def normalized_gram(embeddings: torch.Tensor, distance) -> torch.Tensor:
+    """The Gram matrix of ``distance.maybe_normalize(embeddings)``, differentiable; one fused
+    function when the distance normalises as PML's own classes do (L2, ``normalize``)."""
+    from pytorch_metric_learning.distances import BaseDistance
+
+    cls = type(distance)
+    if (distance.normalize_embeddings and cls.maybe_normalize is BaseDistance.maybe_normalize
+            and cls.normalize is BaseDistance.normalize and distance.p == 2):
+        return _NormalizedGram.apply(embeddings)
+    return _Gram.apply(distance.maybe_normalize(embeddings))
