@@ -112,13 +112,13 @@ def test_efficient_mode_is_a_clear_error():
                                          torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
 
 
-def make_hdml_parts():
+def make_hdml_parts(loss=None, **kwargs):
     from pml_ext.losses import HDMLLoss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(6, 4).double()
-    hdml = HDMLLoss(losses.TripletMarginLoss(margin=0.2), embedding_size=4, feature_size=6, num_classes=4,
-                    alpha=0.05, generator_hidden_size=8).double()
+    hdml = HDMLLoss(loss or losses.TripletMarginLoss(margin=0.2), embedding_size=4, feature_size=6, num_classes=4,
+                    alpha=0.05, generator_hidden_size=8, **kwargs).double()
     return head, hdml
 
 
@@ -130,7 +130,7 @@ def _hdml_worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     x, y = full_batch()
-    head, hdml = make_hdml_parts()
+    head, hdml = make_hdml_parts(max_synthetic_tuples=None)  # no random subset: one process must match
     local = x[rank * 8:(rank + 1) * 8].clone().requires_grad_(True)
     loss = DistributedHDMLWrapper(hdml)(local, y[rank * 8:(rank + 1) * 8], head)
     loss.backward()
@@ -144,7 +144,7 @@ def test_hdml_two_processes_equal_one_process_after_ddp_averaging(tmp_path):
     mp.spawn(_hdml_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     x, y = full_batch()
     x = x.clone().requires_grad_(True)
-    head, hdml = make_hdml_parts()
+    head, hdml = make_hdml_parts(max_synthetic_tuples=None)
     single = hdml(x, y, head)
     single.backward()
     want = {n: p.grad for n, p in list(head.named_parameters()) + list(hdml.named_parameters()) if p.grad is not None}
@@ -157,3 +157,41 @@ def test_hdml_two_processes_equal_one_process_after_ddp_averaging(tmp_path):
     for name, grad in want.items():  # DDP's average of the ranks' parameter gradients
         avg = sum(g["params"][name] for g in got) / WORLD
         assert torch.allclose(avg, grad, atol=1e-10), name
+
+
+def _hdml_capped_worker(rank, port, out_dir, mode):
+    from pml_ext.utils import DistributedHDMLWrapper
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    x, y = full_batch()
+    loss = losses.NPairsLoss() if mode == "npair" else losses.TripletMarginLoss(margin=0.2)
+    head, hdml = make_hdml_parts(loss, max_synthetic_tuples=3)  # capped: a random subset every step
+    torch.manual_seed(100 + rank)  # the ranks' own random streams differ
+    before = torch.get_rng_state()
+    local = x[rank * 8:(rank + 1) * 8].clone().requires_grad_(True)
+    out = DistributedHDMLWrapper(hdml)(local, y[rank * 8:(rank + 1) * 8], head)
+    after = torch.get_rng_state()
+    out.backward()
+    params = {n: p.grad for n, p in hdml.named_parameters() if p.grad is not None}
+    torch.save({"loss": out.detach(), "params": params, "tuples": hdml.num_synthetic_tuples,
+                "stream": torch.equal(before, after)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["triplet", "npair"])
+def test_hdml_capped_subsets_are_the_same_on_every_rank(tmp_path, mode):
+    """max_synthetic_tuples draws a random subset; under the wrapper every rank draws the same one
+    (a seed broadcast from rank 0), so the value and the generator's gradients agree across ranks
+    although the ranks' random streams differ."""
+    mp.spawn(_hdml_capped_worker, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert 0 < got[0]["tuples"] <= 3
+    assert got[0]["loss"].item() == got[1]["loss"].item()
+    assert got[0]["params"] and set(got[0]["params"]) == set(got[1]["params"])
+    for name, grad in got[0]["params"].items():
+        assert torch.equal(grad, got[1]["params"][name]), name
+    # the wrapper draws one number for the seed from each rank's stream, nothing else
+    assert not got[0]["stream"] and not got[1]["stream"]

@@ -105,7 +105,10 @@ class DistributedHDMLWrapper(torch.nn.Module):
 
     Wrap the trunk (and head) in ``DistributedDataParallel`` as usual; the generator and classifier
     receive identical gradients on every rank, so DDP over ``hdml`` (or no all-reduce at all) keeps
-    them in sync. Outside a process group it calls ``hdml`` as is.
+    them in sync. HDML's random choices (the ``max_synthetic_tuples`` subsets, any dropout in a
+    custom generator) draw from one seed that rank 0 broadcasts every step, so every rank makes
+    the same ones; each rank's own random stream is left as it was. Outside a process group it
+    calls ``hdml`` as is.
     """
 
     def __init__(self, hdml: torch.nn.Module):
@@ -119,4 +122,9 @@ class DistributedHDMLWrapper(torch.nn.Module):
         if indices_tuple is not None:
             raise ValueError("indices_tuple refers to one rank's batch; give HDMLLoss a miner instead")
         all_features, all_labels = gather_features(features, labels.to(features.device))
-        return self.hdml(all_features, all_labels, embedder)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.long).to(features.device)  # NCCL: on the GPU
+        dist.broadcast(seed, src=0)
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(seed))
+            return self.hdml(all_features, all_labels, embedder)
