@@ -185,7 +185,7 @@ def _layout(y, n=2, pairs="all"):
     return F.batch_layout(torch.as_tensor(y), n, pairs)
 
 
-def test_cost_model_keeps_the_blocked_search_for_balanced_batches_and_groups_unequal_ones():
+def test_cost_model_blocked_for_balanced_batches_grouped_for_unequal_or_many_points():
     balanced = torch.arange(32).repeat_interleave(4)
     assert not G.use_groups(_layout(balanced))
     assert not G.use_groups(_layout(balanced[torch.randperm(128, generator=torch.Generator().manual_seed(0))]))

@@ -507,6 +507,8 @@ def test_max_synthetic_tuples_and_ema_option():
     lambda: losses.TripletMarginLoss(margin=0.1, distance=distances.LpDistance(normalize_embeddings=False, power=2)),
     lambda: losses.TripletMarginLoss(margin=0.1, reducer=reducers.MeanReducer()),
     lambda: losses.TripletMarginLoss(margin=0.1, reducer=reducers.SumReducer()),
+    lambda: losses.TripletMarginLoss(margin=0.1, reducer=reducers.MultipleReducers(
+        {"loss": reducers.ThresholdReducer(low=0.05)})),
 ])
 def test_rowwise_synthetic_triplet_loss_equals_pml(make):
     """J_syn computed triplet by triplet equals PML's own (B+T)² path, value and gradient,
@@ -522,6 +524,9 @@ def test_rowwise_synthetic_triplet_loss_equals_pml(make):
     n = B + torch.arange(T)
     a[0] = 0
     hdml = HDMLLoss(make(), embedding_size=EMB, feature_size=FEAT, num_classes=C)
+    from pml_ext.losses.hdml_synthetic_tuples import _rowwise_triplet_kind
+
+    assert _rowwise_triplet_kind(hdml.loss) is not None  # the row-wise path is the one tested
     e1, e2 = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
     fast = hdml._triplet_syn_loss(e1, labels, (a, p, n))
     slow = make()(e2, labels, (a, p, n))

@@ -137,7 +137,8 @@ def hardest_in_blocks(embeddings: torch.Tensor, layout: BatchLayout, distance, k
             block, c, kk, inverted, valid, layout.original_slot if originals_best else None)
         # the selected points as flat slots: [2, C, C] (row point, column point)
         idx = torch.stack([layout.row_base + p_slot, layout.col_base + q_slot])
-        points = layout.slot_points.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)  # [2, C, C, 3]: expanded-set index, two originals
+        # [2, C, C, 3]: expanded-set index, two originals
+        points = layout.slot_points.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
         ends = points[..., 1:].movedim(-1, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
         wsel = layout.slot_weights.index_select(0, idx.reshape(-1)).view(*idx.shape, -1).to(gd.dtype)
         if scale is not None:

@@ -151,9 +151,9 @@ def _dense_contrastive(loss, hb: HardenedBatch, labels):
         return loss.zero_losses()
     pos_loss = neg_loss = 0
     if pos_flat.numel():
-        pos_loss = loss.get_per_pair_loss(hb.originals_mat.reshape(-1).index_select(0, pos_flat), "pos")
+        pos_loss = loss.get_per_pair_loss(F.take(hb.originals_mat, pos_flat), "pos")
     if neg_flat.numel():
-        neg_loss = loss.get_per_pair_loss(hb.hardest.reshape(-1).index_select(0, neg_flat), "neg")
+        neg_loss = loss.get_per_pair_loss(F.take(hb.hardest, neg_flat), "neg")
     return {"pos_loss": {"losses": pos_loss, "indices": pairs[:2], "reduction_type": "pos_pair"},
             "neg_loss": {"losses": neg_loss, "indices": pairs[2:], "reduction_type": "neg_pair"}}
 

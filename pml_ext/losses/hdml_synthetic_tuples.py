@@ -29,7 +29,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from ..functional import hardness_aware as HA
 from ..functional import hardness_aware_tuples as HT
 from ..functional.embedding_expansion import gram_kind
-from .embedding_expansion_dense import PLAIN_REDUCERS
+from .embedding_expansion_dense import _reads_losses_alone
 from .hdml_generator import _frozen_call, _RoutedCall, _zero_from
 
 __all__: list = []  # internal to HDMLLoss
@@ -40,7 +40,7 @@ def _rowwise_triplet_kind(loss) -> Optional[str]:
     triplet by triplet (the distances and reducers EE's dense paths accept), else None."""
     if type(loss) is not losses.TripletMarginLoss or getattr(loss, "embedding_regularizer", None) is not None:
         return None
-    if type(loss.reducer) not in PLAIN_REDUCERS:
+    if not _reads_losses_alone(loss.reducer):
         return None
     return gram_kind(loss.distance)
 

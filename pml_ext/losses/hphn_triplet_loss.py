@@ -86,11 +86,13 @@ class HPHNTripletLoss(BaseMetricLossFunction):
         # The search runs without autograd (no [M, M] graph kept for the backward); the loss then
         # recomputes only each anchor's two selected distances, differentiably.
         kind = F.gram_kind(self.distance)
-        # inner-product distances: one Gram matrix serves the search and the selected distances
+        # inner-product distances: one Gram matrix serves the search and the selected distances;
+        # any other distance: its explicit [M, M] matrix, built once, searched detached
         gram = F.normalized_gram(embeddings, self.distance) if kind is not None else None
+        full = None if gram is not None else F.expanded_distance_matrix(embeddings, ex, self.distance, self.normalize)
         with torch.no_grad():
             if gram is None:
-                mat = F.expanded_distance_matrix(embeddings.detach(), ex, self.distance, self.normalize)
+                mat = full.detach()
             else:
                 mat = _mat_from_gram(_expanded_gram(gram.detach(), ex, self.normalize), kind, self.distance.power)
             # values that a max (positives) / min (negatives) over distances ignores
@@ -124,7 +126,7 @@ class HPHNTripletLoss(BaseMetricLossFunction):
         rows = torch.cat([anchors, an_row[anchors]])
         cols = torch.cat([ap_col[anchors], an_col[an_row[anchors]]])
         if gram is None:
-            values = F.expanded_pair_values(embeddings, ex, rows, cols, self.distance, self.normalize)
+            values = F.take(full, rows * m + cols)
         else:
             values = _pair_values_from_gram(gram, ex, rows, cols, self.normalize, kind, self.distance.power)
         ap, an = values.split(anchors.numel())

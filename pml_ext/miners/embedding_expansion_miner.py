@@ -119,6 +119,7 @@ class EmbeddingExpansionMiner(BaseMiner):
         go to ``record_on`` (default: this miner) if its ``collect_stats`` is on."""
         distance = self.distance if distance is None else distance
         record_on = self if record_on is None else record_on
+        labels = c_f.to_device(labels, embeddings)  # as PML's miners do in forward
         layout = F.batch_layout(labels, self.n_points, self.pairs, embeddings.dtype)
         hp = F.hardest_negative_pairs_in_layout(embeddings, layout, distance, self.normalize,
                                                 originals_best=record_on.collect_stats)
