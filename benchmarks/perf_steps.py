@@ -3,6 +3,7 @@
     python -m benchmarks.perf_steps                          # fontglyphs_cpu, every loss
     python -m benchmarks.perf_steps --losses triplet npair --repeats 30
     python -m benchmarks.perf_steps --losses triplet npair --hdml-caps 0 128 512   # HDML's tuple cap
+    python -m benchmarks.perf_steps --sampler random          # shuffled batches instead of MPerClassSampler
 
 ``--hdml-caps`` adds one HDML method per value of ``max_synthetic_tuples`` (0 = no cap), built
 from the same seed and interleaved with the others in the same run.
@@ -55,6 +56,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                          '"max_synthetic_tuples": 256}}\'')
     ap.add_argument("--hdml-caps", type=int, nargs="+", default=None,
                     help="also time HDML with these max_synthetic_tuples values (0 = no cap), side by side")
+    ap.add_argument("--sampler", choices=["m_per_class", "random"], default="m_per_class",
+                    help="m_per_class: the benchmark's MPerClassSampler batches; random: uniformly shuffled "
+                         "batches, as a DataLoader with shuffle=True gives (unequal classes, a new label "
+                         "pattern every step)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     tcfg = cfg["train"]
@@ -65,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}; config "
           f"{cfg['name']}: batch {tcfg['batch_size']} = {tcfg['batch_size'] // tcfg['per_class']} classes x "
           f"{tcfg['per_class']}, model {cfg['model']['name']}, embedding {cfg['model']['embedding_size']}; "
-          f"median of {args.repeats} steps")
+          f"median of {args.repeats} steps; sampler {args.sampler}")
     print(f"{'loss':<9}{'method':<12}{'median ms':>9}{'/ plain':>9}{'mean ms':>10}{'/ plain':>9}"
           f"{'peak MB':>10}{'/ plain':>9}")
     results = {}
@@ -81,9 +86,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                 torch.manual_seed(0)
                 runners[f"hdml{cap or '_nocap'}"] = harness.build_training(cfg, "hdml", loss_name, capped,
                                                                            num_classes, args.device)
-        sampler = samplers.MPerClassSampler(tr_y, m=tcfg["per_class"], batch_size=tcfg["batch_size"],
-                                            length_before_new_iter=(args.repeats + args.warmup) * tcfg["batch_size"])
-        order = np.asarray(list(iter(sampler)))
+        steps = args.repeats + args.warmup
+        if args.sampler == "random":
+            g = torch.Generator().manual_seed(0)
+            order = torch.cat([torch.randperm(len(tr_y), generator=g)
+                               for _ in range(-(-steps * tcfg["batch_size"] // len(tr_y)))]).numpy()
+        else:
+            sampler = samplers.MPerClassSampler(tr_y, m=tcfg["per_class"], batch_size=tcfg["batch_size"],
+                                                length_before_new_iter=steps * tcfg["batch_size"])
+            order = np.asarray(list(iter(sampler)))
         gen = torch.Generator().manual_seed(0)
         batches = []
         for r in range(args.repeats + args.warmup):

@@ -174,6 +174,14 @@ def test_perf_steps_runs_every_method_and_reports_memory():
         assert all(len(r) == 8 and float(r[6]) >= 0 for r in rows.values())  # peak MB measured
 
 
+def test_perf_steps_random_sampler_runs_on_shuffled_batches():
+    out = _run_module("benchmarks.perf_steps", "--config", "quick", "--losses", "npair", "--repeats", "2",
+                      "--warmup", "0", "--memory-repeats", "1", "--device", "cpu", "--sampler", "random")
+    assert "sampler random" in out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("npair ")}
+    assert set(rows) == {"plain", "ee", "hdml"} and float(rows["plain"][3]) == 1.0
+
+
 HDML_LOGGED = ("J_m", "J_syn", "J_gen", "J_avg", "metric_weight", "hardness_decay")
 
 
