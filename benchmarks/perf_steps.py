@@ -67,10 +67,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     _, tr_y = np.unique(train_src.labels, return_inverse=True)
     train_src.labels = tr_y
     num_classes = int(tr_y.max()) + 1
+    composition = (f"{tcfg['batch_size'] // tcfg['per_class']} classes x {tcfg['per_class']}"
+                   if args.sampler == "m_per_class" else "shuffled")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}; config "
-          f"{cfg['name']}: batch {tcfg['batch_size']} = {tcfg['batch_size'] // tcfg['per_class']} classes x "
-          f"{tcfg['per_class']}, model {cfg['model']['name']}, embedding {cfg['model']['embedding_size']}; "
-          f"median of {args.repeats} steps; sampler {args.sampler}")
+          f"{cfg['name']}: batch {tcfg['batch_size']} = {composition}, model {cfg['model']['name']}, "
+          f"embedding {cfg['model']['embedding_size']}; median of {args.repeats} steps; sampler {args.sampler}")
     print(f"{'loss':<9}{'method':<12}{'median ms':>9}{'/ plain':>9}{'mean ms':>10}{'/ plain':>9}"
           f"{'peak MB':>10}{'/ plain':>9}")
     results = {}
