@@ -114,7 +114,8 @@ class BatchLayout:
 
 
 _LAYOUT_CACHE: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
-_LAYOUT_CACHE_SIZE = 8  # each holds a few [B, B] index tensors (plus the triplet lists when used)
+_LAYOUT_CACHE_SIZE = 8  # each holds a few [B, B] index tensors, plus the dense losses' lists when used
+# (Triplet: its triplets; Contrastive: three [#pairs] int64 lists, ~25 MB at B = 1024)
 
 
 def _first_positions(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
