@@ -36,6 +36,7 @@ import torch
 from . import embedding_expansion as _ee
 from .embedding_expansion import HardestPairs, _mat_from_gram, _sq_norms, safe_sqrt, take, take_columns
 from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
+from .primitives import segment_best
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
 
@@ -228,18 +229,6 @@ def _choose(layout) -> bool:
     return groups.entries() + _GROUP_COST * len(groups.groups) + _GROUPED_FIXED_COST < blocked
 
 
-def _segment_best(values, segment, num_segments, inverted, worst):
-    """Best of ``values`` [R, M] over the columns of each segment (``segment`` [M] in
-    0..S-1), [R, S], and the first column attaining it: two scatter reductions, no sort."""
-    r, m = values.shape
-    index = segment[None, :].expand(r, m)
-    best = values.new_full((r, num_segments), worst).scatter_reduce(1, index, values, "amax" if inverted else "amin")
-    hit = values == best.gather(1, index)
-    first = torch.where(hit, torch.arange(m, device=values.device)[None, :], m)
-    arg = torch.full((r, num_segments), m, dtype=torch.long, device=values.device).scatter_reduce(1, index, first, "amin")
-    return best, arg.clamp(max=max(m - 1, 0))
-
-
 def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance, kind: str,
                                      normalize: bool = True, originals_best: bool = False) -> HardestPairs:
     """EE's hard negative pair mining (§3.2) by the grouped search (module docstring); the same
@@ -319,7 +308,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
                 best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, w, lo, min(cg, lo + step)), dim=1)
         # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
-        best_yx, rows_yx = _segment_best(best_cp, point_class, c, inverted, worst)
+        best_yx, rows_yx = segment_best(best_cp, point_class, c, inverted, worst)
         # stage 3: every point of class x against the point of y chosen for (x, y): the first best
         # one, group by group (a class searched only from the other side is skipped: never read)
         cols = torch.zeros_like(rows_yx)  # [x, y], transposed below
@@ -352,6 +341,6 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
 def _originals_best(gd, classes, c, transform, inverted, worst):
     """Best search value of every class pair over originals only, [C, C] (the miner's statistics)."""
     sq = torch.diagonal(gd)
-    per_point, _ = _segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
+    per_point, _ = segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
                                  worst)  # [B, y]
-    return _segment_best(per_point.t(), classes, c, inverted, worst)[0].t()
+    return segment_best(per_point.t(), classes, c, inverted, worst)[0].t()

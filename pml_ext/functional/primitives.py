@@ -1,6 +1,6 @@
-"""Small differentiable tensor primitives shared by the EE code: gathers by ``index_select``,
-square root and inverse that stay finite at 0, and the batch's Gram matrix (with PML's L2
-normalisation fused in) whose backward is one matrix product."""
+"""Small tensor primitives shared by the EE code: gathers by ``index_select``, square root and
+inverse that stay finite at 0, the best value per segment with its first position, and the
+batch's Gram matrix (with PML's L2 normalisation fused in) whose backward is one matrix product."""
 from __future__ import annotations
 
 import torch
@@ -29,6 +29,18 @@ def _safe_inverse(norm: torch.Tensor) -> torch.Tensor:
     """1/norm, and 0 where the norm is 0: a zero-norm midpoint (antipodal endpoints) stays at the
     origin rather than becoming NaN."""
     return torch.where(norm > 0, norm.clamp_min(torch.finfo(norm.dtype).tiny).reciprocal(), 0.0)
+
+
+def segment_best(values: torch.Tensor, segment: torch.Tensor, num_segments: int, inverted: bool, worst: float):
+    """Best of ``values`` [R, M] over the columns of each segment (``segment`` [M] in
+    0..S-1), [R, S], and the first column attaining it: two scatter reductions, no sort."""
+    r, m = values.shape
+    index = segment[None, :].expand(r, m)
+    best = values.new_full((r, num_segments), worst).scatter_reduce(1, index, values, "amax" if inverted else "amin")
+    hit = values == best.gather(1, index)
+    first = torch.where(hit, torch.arange(m, device=values.device)[None, :], m)
+    arg = torch.full((r, num_segments), m, dtype=torch.long, device=values.device).scatter_reduce(1, index, first, "amin")
+    return best, arg.clamp(max=max(m - 1, 0))
 
 
 class _Gram(torch.autograd.Function):

@@ -9,6 +9,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import functional as F
 from ..functional.embedding_expansion import _expanded_gram, _mat_from_gram, _pair_values_from_gram
+from ..functional.primitives import segment_best
 from ..utils.distributed import in_rank_order
 from .embedding_expansion_loss import _check_batch
 
@@ -109,14 +110,8 @@ class HPHNTripletLoss(BaseMetricLossFunction):
             synth = torch.arange(b, m, device=labels.device)
             owners = torch.cat([arange_b, ex.first[synth], ex.second[synth]])
             rows = torch.cat([arange_b, synth, synth])  # the expanded point of every entry
-            values = an_point[rows]
-            reduce = "amax" if inverted else "amin"
-            an_best = torch.full((b,), ignore_in_an, dtype=mat.dtype, device=mat.device)
-            an_best = an_best.scatter_reduce(0, owners, values, reduce)
-            entry = torch.arange(rows.numel(), device=labels.device)
-            hit = torch.where(values == an_best[owners], entry, rows.numel())
-            first = torch.full((b,), rows.numel(), dtype=torch.long, device=labels.device)
-            an_row = rows[first.scatter_reduce(0, owners, hit, "amin").clamp(max=rows.numel() - 1)]
+            an_best, entry = segment_best(an_point[rows][None], owners, b, inverted, ignore_in_an)
+            an_best, an_row = an_best[0], rows[entry[0]]
             if self.collect_stats:
                 harder = an_best < an_point[:b] if not inverted else an_best > an_point[:b]
                 self.synthetic_selection_ratio = float(harder[valid].float().mean()) if valid.any() else 0.0
