@@ -153,6 +153,14 @@ def hardness_aware_negatives(
     return out
 
 
+def _own_columns(n: int, rows: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """Where each N-pair candidate row holds its anchor's own positive: the ``[N, N]`` diagonal, or
+    with ``rows`` (some anchors' rows only) ``[R, N]`` with row ``r``'s at column ``rows[r]``."""
+    if rows is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    return rows.to(device).unsqueeze(1) == torch.arange(n, device=device)
+
+
 def hardness_aware_npair_negatives(
     anchors: torch.Tensor,
     positives: torch.Tensor,
@@ -185,15 +193,14 @@ def hardness_aware_npair_negatives(
     if targets is None:
         _check_embeddings(anchors=anchors, positives=positives)
         own_positives = positives
-        own = torch.eye(len(positives), dtype=torch.bool, device=anchors.device)
     else:
         _check_embeddings(positives=positives)
         if not torch.is_tensor(targets) or targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
             raise ValueError("targets must be a 1-D integer tensor (each anchor's column in positives)")
         own_positives = positives.index_select(0, targets.to(device=positives.device, dtype=torch.long))
         _check_embeddings(anchors=anchors, own_positives=own_positives)
-        own = targets.to(anchors.device).unsqueeze(1) == torch.arange(len(positives), device=anchors.device)
     r, n, d = anchors.shape[0], positives.shape[0], positives.shape[1]
+    own = _own_columns(n, targets, anchors.device)
     d_pos = _safe_norm(anchors - own_positives)  # [R]
     diff = positives.unsqueeze(0) - anchors.unsqueeze(1)  # [R, N, d]: positives[j] - anchors[i]
     d_neg = _safe_norm(diff)  # [R, N]

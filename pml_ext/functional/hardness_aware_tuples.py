@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .hardness_aware import Scalar, hardness_aware_negatives, hardness_aware_npair_negatives
+from .hardness_aware import Scalar, _own_columns, hardness_aware_negatives, hardness_aware_npair_negatives
 
 __all__ = [
     "gather_rows",
@@ -88,17 +88,11 @@ def batch_npair_negatives(
     ``mask`` cover the ``N·(N-1)`` real negatives only (the diagonal, each anchor's own positive,
     is left out of the statistics). ``rows`` (positions in ``a_idx``, e.g. from
     :func:`cap_npair_rows`): only those anchors' rows, ``[R, N, d]``, and ``R·(N-1)`` statistics."""
-    if rows is None:
-        z_neg, coef, mask = hardness_aware_npair_negatives(
-            gather_rows(emb, a_idx), gather_rows(emb, p_idx), alpha, j_avg, return_coefficients=True
-        )  # [N, N, D]
-        off = ~torch.eye(len(a_idx), dtype=torch.bool, device=emb.device)
-        return z_neg, coef[off], mask[off]
+    anchors = gather_rows(emb, a_idx if rows is None else a_idx.index_select(0, rows))
     z_neg, coef, mask = hardness_aware_npair_negatives(
-        gather_rows(emb, a_idx.index_select(0, rows)), gather_rows(emb, p_idx), alpha, j_avg,
-        return_coefficients=True, targets=rows,
-    )  # [R, N, D]
-    off = rows.unsqueeze(1) != torch.arange(len(p_idx), device=rows.device)
+        anchors, gather_rows(emb, p_idx), alpha, j_avg, return_coefficients=True, targets=rows
+    )  # [R, N, D] (R = N without rows)
+    off = ~_own_columns(len(p_idx), rows, coef.device)
     return z_neg, coef[off], mask[off]
 
 
@@ -127,10 +121,7 @@ def npair_candidates_with_positives(
     """The candidate rows ``cands [N, N, d]`` with the real positives ``[N, d]`` on the diagonal
     (anchor ``i``'s target at column ``i``); with ``rows``, ``cands`` is ``[R, N, d]`` and row ``r``
     gets its positive at column ``rows[r]``."""
-    if rows is None:
-        own = torch.eye(cands.shape[0], dtype=torch.bool, device=positives.device)
-    else:
-        own = rows.to(positives.device).unsqueeze(1) == torch.arange(cands.shape[1], device=positives.device)
+    own = _own_columns(cands.shape[1], rows, positives.device)
     return torch.where(own.unsqueeze(-1), positives.unsqueeze(0).expand_as(cands), cands)
 
 
