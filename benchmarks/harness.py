@@ -151,19 +151,26 @@ class DatasetSource:
             yield x, None
 
 
-def image_sources(cfg: Dict[str, Any], split: str):
-    """(train source, eval source) for the papers' datasets or a user's ImageFolder."""
+def folder_dataset(cfg: Dict[str, Any]):
+    """(dataset class, root directory) of a config naming one of the papers' datasets or a user's
+    ImageFolder; an unknown name is a ValueError, a missing root a SystemExit naming --data-root."""
     from . import datasets as ds
 
     data = cfg["data"]
-    root = data.get("root")
-    if not root:
-        raise SystemExit(f"config {cfg['name']!r} needs the dataset directory: pass --data-root")
     classes = {"cub": ds.CUB200, "cars": ds.Cars196, "sop": ds.StanfordOnlineProducts,
                "imagefolder": ds.ImageFolderSplit}
     if data["name"] not in classes:
         raise ValueError(f"unknown dataset {data['name']!r}; expected one of {ARRAY_DATASETS + tuple(sorted(classes))}")
-    cls = classes[data["name"]]
+    root = data.get("root")
+    if not root:
+        raise SystemExit(f"config {cfg['name']!r} needs the dataset directory: pass --data-root")
+    return classes[data["name"]], root
+
+
+def image_sources(cfg: Dict[str, Any], split: str):
+    """(train source, eval source) for the papers' datasets or a user's ImageFolder."""
+    data = cfg["data"]
+    cls, root = folder_dataset(cfg)
     workers = cfg["train"].get("workers", 0)
     train = cls(root, split="train")
     if split == "test":

@@ -26,17 +26,9 @@ def image_data(cfg: Dict[str, Any]):
         mode = "L" if images.ndim == 3 else "RGB"
         return (lambda i: Image.fromarray(images[i], mode)), labels.astype(np.int64), is_test, \
             f"{data['name']}:{_file_digest(path)}"
-    from . import datasets as ds
-
-    classes = {"cub": ds.CUB200, "cars": ds.Cars196, "sop": ds.StanfordOnlineProducts,
-               "imagefolder": ds.ImageFolderSplit}
-    if data["name"] not in classes:
-        raise ValueError(f"unknown data set {data['name']!r}; expected fontglyphs, iconthemes or {sorted(classes)}")
-    root = data.get("root")
-    if not root:
-        raise SystemExit(f"config {cfg['name']!r} needs the data set directory: pass --data-root")
-    tr = classes[data["name"]](root, split="train", transform=None)
-    te = classes[data["name"]](root, split="test", transform=None)
+    cls, root = harness.folder_dataset(cfg)
+    tr = cls(root, split="train", transform=None)
+    te = cls(root, split="test", transform=None)
     # class ids of the two splits are renumbered from 0 each: keep them apart
     labels = np.concatenate([np.asarray(tr.labels), np.asarray(te.labels) + max(tr.labels) + 1])
     is_test = np.r_[np.zeros(len(tr), bool), np.ones(len(te), bool)]
