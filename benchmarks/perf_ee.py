@@ -3,7 +3,7 @@
     python -m benchmarks.perf_ee                      # every batch composition, B=128, d=512, n=2
     python -m benchmarks.perf_ee --compositions 32x4 zipf60
     python -m benchmarks.perf_ee --scaling            # time/memory over B and n (32 classes x 4 ...)
-    python -m benchmarks.perf_ee --paths              # EE's blocked vs grouped search, and the choice
+    python -m benchmarks.perf_ee --paths              # EE's three searches side by side, and the choice
 
 Every ratio is measured in one run, alternating our call and PML's on the same batch (order
 rotated every repeat). Batch compositions (B = 128):
@@ -160,7 +160,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--scaling", action="store_true", help="table over B in 64..512 and n in 0..8")
     ap.add_argument("--paths", action="store_true",
-                    help="time the blocked and the grouped EE search (forward + backward) per composition and "
+                    help="time the three EE searches (blocked, grouped, rows; forward + backward) per composition and "
                          "n/pairs, with the cost model's choice")
     ap.add_argument("--compositions", nargs="+", choices=list(COMPOSITIONS), help="default: all")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -232,42 +232,48 @@ def _callables(args):
 
 
 def search_paths(args):
-    """The two EE searches side by side on one layout per composition (the search alone: Gram
-    matrix, search, selected values, backward; LpDistance), and which one the cost model picks."""
+    """EE's three searches side by side per composition (the search alone: Gram matrix, search,
+    selected values, backward; LpDistance), and which one the cost model picks. For the
+    compositions that draw a new label pattern every step, every call also builds the search's
+    per-pattern structures, as training pays them there."""
     from pytorch_metric_learning import distances
 
     from pml_ext.functional import embedding_expansion_groups as groups
+    from pml_ext.functional import embedding_expansion_rows as rows
 
     dist = distances.LpDistance()
     x, _ = batch(args.batch, args.per_class, args.dim, args.device)
-    print(f"{'composition':<15}{'n':>3} {'pairs':<9}{'M':>6}{'blocked entries':>17}{'grouped entries':>17}"
-          f"{'blocked ms':>12}{'grouped ms':>12}  choice")
+    print(f"{'composition':<15}{'n':>3} {'pairs':<9}{'M':>6}{'blocked entries':>16}{'grouped entries':>16}"
+          f"{'row entries':>12}{'blocked ms':>11}{'grouped ms':>11}{'rows ms':>9}  choice")
 
-    def search(layout):
-        return lambda e, l: ee_functional.hardest_negative_pairs_in_layout(e, layout, dist, True).hardest.sum()
+    def search(layout, fresh):
+        def call(e, l):
+            lay = ee_functional.BatchLayout(layout.classes, layout.num_classes, layout.expanded) if fresh else layout
+            return ee_functional.hardest_negative_pairs_in_layout(e, lay, dist, True).hardest.sum()
+        return call
 
     for comp in args.compositions or list(COMPOSITIONS):
         y = COMPOSITIONS[comp](args.batch, torch.Generator().manual_seed(0), None).to(args.device)
-        for n, pairs in ((2, "all"), (2, "adjacent"), (8, "all")):
+        for n, pairs in ((2, "all"), (2, "adjacent"), (4, "all"), (8, "all")):
             layout = ee_functional.batch_layout(y, n, pairs)
             sizes = layout.class_sizes
             c, kk, k = layout.num_classes, int(sizes.max()), int(torch.bincount(layout.classes).max())
             blocked_entries = (c * kk) * (c * kk + c * k)
             times = []
-            for path in ("blocked", "groups"):
+            for path in ("blocked", "groups", "rows"):
                 if path == "blocked" and blocked_entries > 3e8:  # minutes per call
                     times.append(float("nan"))
                     continue
                 ee_functional._SEARCH = path
                 try:
-                    times.append(time_interleaved([search(layout)], x, y, max(3, args.repeats // 2),
-                                                  args.device)[0])
+                    times.append(time_interleaved([search(layout, comp not in BALANCED)], x, y,
+                                                  max(3, args.repeats // 2), args.device)[0])
                 finally:
                     ee_functional._SEARCH = "auto"
-            choice = "grouped" if groups.use_groups(layout) else "blocked"
-            print(f"{comp:<15}{n:>3} {pairs:<9}{int(sizes.sum()):>6}{blocked_entries:>17}"
-                  f"{groups.class_groups(layout).entries():>17}{times[0] * 1e3:>12.2f}{times[1] * 1e3:>12.2f}  {choice}",
-                  flush=True)
+            choice = ee_functional.search_path(layout)
+            print(f"{comp:<15}{n:>3} {pairs:<9}{int(sizes.sum()):>6}{blocked_entries:>16}"
+                  f"{groups.class_groups(layout).entries():>16}{rows.row_entries(layout):>12}"
+                  f"{times[0] * 1e3:>11.2f}{times[1] * 1e3:>11.2f}{times[2] * 1e3:>9.2f}  {choice}", flush=True)
 
 
 def scaling(args):

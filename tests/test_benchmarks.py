@@ -157,11 +157,13 @@ def test_perf_ee_prints_side_by_side_ratios():
         assert ratio == pytest.approx(ee / plain, rel=0.05, abs=0.01)  # printed with 2 decimals
 
 
-def test_perf_ee_times_both_searches():
+def test_perf_ee_times_the_three_searches():
     out = _run_module("benchmarks.perf_ee", "--paths", "--batch", "16", "--dim", "8", "--repeats", "1",
                       "--device", "cpu", "--compositions", "random40")
     rows = [line.split() for line in out.splitlines() if line.startswith("random40")]
-    assert len(rows) == 3 and all(r[-1] in ("blocked", "grouped") for r in rows)
+    assert len(rows) == 4 and all(r[-1] in ("blocked", "groups", "rows") for r in rows)
+    for row in rows:  # composition, n, pairs, M, three entry counts, three times, choice
+        assert len(row) == 11 and all(float(t) > 0 for t in row[7:10])
 
 
 def test_perf_steps_runs_every_method_and_reports_memory():

@@ -1,6 +1,7 @@
-"""The grouped EE search (pml_ext/functional/embedding_expansion_groups.py): brute-force references
-on unbalanced, long-tailed, singleton-class and random-label batches; equality with the blocked
-search to float64 precision; gradients; degenerate batches; the cost model's choice."""
+"""The EE searches for unequal classes, grouped (pml_ext/functional/embedding_expansion_groups.py)
+and by rows (embedding_expansion_rows.py): brute-force references on unbalanced, long-tailed,
+singleton-class and random-label batches; equality with the blocked search to float64 precision;
+gradients; degenerate batches; memory chunks; the cost model's choice."""
 import pytest
 import torch
 from pytorch_metric_learning import distances, losses
@@ -8,6 +9,7 @@ from pytorch_metric_learning import distances, losses
 import pml_ext.functional as F
 import pml_ext.functional.embedding_expansion as E
 import pml_ext.functional.embedding_expansion_groups as G
+import pml_ext.functional.embedding_expansion_rows as R
 from pml_ext.losses import EmbeddingExpansionLoss
 from pml_ext.miners import EmbeddingExpansionMiner
 
@@ -36,7 +38,7 @@ def batch(classes, seed=0, dim=5):
 
 @pytest.fixture
 def search(monkeypatch):
-    """Force one search ("blocked" or "groups") for the test's calls. Groups cost nothing extra by
+    """Force one search ("blocked", "groups" or "rows") for the test's calls. Groups cost nothing extra by
     default here, so that every distinct class size gets its own group (small test batches would
     otherwise share one group and leave the mirrored pairs untested)."""
     def force(path, group_cost=0):
@@ -52,12 +54,16 @@ def hardest(x, y, dist, n, pairs, normalize, originals_best=True):
     return layout, F.hardest_negative_pairs_in_layout(x, layout, dist, normalize, originals_best=originals_best)
 
 
+UNEQUAL = ["groups", "rows"]  # the searches made for classes of unequal size
+
+
+@pytest.mark.parametrize("path", UNEQUAL)
 @pytest.mark.parametrize("name", list(BATCHES))
 @pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
 @pytest.mark.parametrize("pairs", ["all", "adjacent"])
 @pytest.mark.parametrize("n", [0, 2])
-def test_grouped_search_matches_brute_force(search, name, kind, pairs, n):
-    search("groups")
+def test_search_for_unequal_classes_matches_brute_force(search, path, name, kind, pairs, n):
+    search(path)
     x, y = batch(BATCHES[name], seed=1)
     normalize = kind != "l2raw"
     dist = GRAM_DISTANCES[kind]()
@@ -81,8 +87,8 @@ def _random_batch(trial):
 
 @pytest.mark.parametrize("trial", range(6))
 @pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
-@pytest.mark.parametrize("group_cost", [0, G._GROUP_COST])
-def test_grouped_search_equals_blocked_search(search, trial, kind, group_cost):
+@pytest.mark.parametrize("path, group_cost", [("groups", 0), ("groups", G._GROUP_COST), ("rows", 0)])
+def test_search_for_unequal_classes_equals_blocked_search(search, trial, kind, path, group_cost):
     """Hardest values, search values, originals-only values, selected pairs and gradients off the
     diagonal (a class against itself, which no loss reads) agree to float64 precision."""
     x, y = _random_batch(trial)
@@ -93,17 +99,17 @@ def test_grouped_search_equals_blocked_search(search, trial, kind, group_cost):
         for n in (0, 1, 2):
             for normalize in (True, False):
                 out = {}
-                for path in ("blocked", "groups"):
-                    search(path, group_cost)
+                for forced in ("blocked", path):
+                    search(forced, group_cost)
                     xx = x.clone().requires_grad_(True)
                     layout, hp = hardest(xx, y, GRAM_DISTANCES[kind](), n, pairs, normalize)
                     off = ~layout.class_eye
                     weights = torch.arange(int(off.sum()), dtype=x.dtype)
                     if off.any():
                         (hp.hardest[off] * weights).sum().backward()
-                    out[path] = (hp.hardest[off].detach(), hp.best[off], hp.best_originals[off], xx.grad,
-                                 hp.rows[off], hp.cols[off], hp.search_inverted)
-                a, b = out["blocked"], out["groups"]
+                    out[forced] = (hp.hardest[off].detach(), hp.best[off], hp.best_originals[off], xx.grad,
+                                   hp.rows[off], hp.cols[off], hp.search_inverted)
+                a, b = out["blocked"], out[path]
                 for u, v in zip(a[:3], b[:3]):
                     assert torch.allclose(u, v, rtol=0, atol=1e-12)
                 assert (a[3] is None) == (b[3] is None)
@@ -112,10 +118,11 @@ def test_grouped_search_equals_blocked_search(search, trial, kind, group_cost):
                 assert torch.equal(a[4], b[4]) and torch.equal(a[5], b[5]) and a[6] == b[6]
 
 
+@pytest.mark.parametrize("path", UNEQUAL)
 @pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck_grouped_search(search, kind, normalize):
-    search("groups")
+def test_gradcheck_search_for_unequal_classes(search, path, kind, normalize):
+    search(path)
     x, y = batch(BATCHES["long_tailed"], seed=2, dim=4)
     layout = F.batch_layout(y, 2, "all", x.dtype)
     off = ~layout.class_eye
@@ -133,7 +140,7 @@ def test_degenerate_batches_give_the_blocked_result(search, classes, name):
     is finite, connected to the graph, and equal to the blocked search's."""
     x, y = batch(classes, seed=3)
     values, grads = [], []
-    for path in ("blocked", "groups"):
+    for path in ("blocked", *UNEQUAL):
         search(path)
         xx = x.clone().requires_grad_(True)
         loss = EmbeddingExpansionLoss(getattr(losses, name)(), n_points=2)(xx, y)
@@ -141,8 +148,9 @@ def test_degenerate_batches_give_the_blocked_result(search, classes, name):
         loss.backward()
         values.append(loss.detach())
         grads.append(xx.grad)
-    assert torch.allclose(values[0], values[1], atol=1e-12)
-    assert torch.allclose(grads[0], grads[1], atol=1e-12)
+    for value, grad in zip(values[1:], grads[1:]):
+        assert torch.allclose(values[0], value, atol=1e-12)
+        assert torch.allclose(grads[0], grad, atol=1e-12)
 
 
 def test_a_class_alone_in_its_group_pairs_its_first_point_with_itself(search):
@@ -170,10 +178,32 @@ def test_grouped_search_in_memory_chunks_is_the_same(search, monkeypatch, kind):
         assert torch.equal(u, v)
 
 
+@pytest.mark.parametrize("kind", ["l2", "l2raw", "cos"])
+def test_row_search_in_memory_chunks_is_the_same(search, monkeypatch, kind):
+    search("rows")
+    x, y = batch(BATCHES["long_tailed"], seed=5)
+    results = []
+    for entries in (1 << 22, 1):  # one chunk; one row per chunk
+        monkeypatch.setattr(R, "_ROW_CHUNK_ENTRIES", entries)
+        _, hp = hardest(x, y, GRAM_DISTANCES[kind](), 2, "all", True)
+        results.append((hp.rows, hp.cols, hp.hardest.detach(), hp.best))
+    for u, v in zip(*results):
+        assert torch.equal(u, v)
+
+
+def test_row_search_pairs_each_class_first_original_with_itself_on_the_diagonal(search):
+    search("rows")
+    x, y = batch(BATCHES["long_tailed"], seed=4)
+    layout, hp = hardest(x, y, distances.LpDistance(), 2, "all", True)
+    assert torch.equal(hp.rows.diagonal(), layout.first_index) and torch.equal(hp.cols.diagonal(), layout.first_index)
+    assert torch.isfinite(hp.best).all() and torch.isfinite(hp.hardest).all()
+
+
+@pytest.mark.parametrize("path", UNEQUAL)
 @pytest.mark.parametrize("name", ["TripletMarginLoss", "ContrastiveLoss", "NPairsLoss", "MultiSimilarityLoss",
                                   "LiftedStructureLoss"])
-def test_wrapped_loss_on_a_long_tailed_batch_matches_brute_force(search, name):
-    search("groups")
+def test_wrapped_loss_on_a_long_tailed_batch_matches_brute_force(search, path, name):
+    search(path)
     x, y = batch(BATCHES["long_tailed"], seed=6)
     loss = EmbeddingExpansionLoss(getattr(losses, name)(), n_points=2)
     kind = "l2" if isinstance(loss.loss.distance, distances.LpDistance) else "cos"  # N-pair: normalised dot
@@ -198,6 +228,23 @@ def test_cost_model_blocked_for_balanced_batches_grouped_for_unequal_or_many_poi
     assert G.use_groups(_layout(torch.arange(16).repeat_interleave(8), n=4))  # 16 chunks
     assert G.use_groups(_layout(balanced, n=8))  # 32 chunks
     assert not G.use_groups(_layout(torch.arange(64).repeat_interleave(2), n=8))
+
+
+def test_search_path_blocked_for_equal_classes_rows_for_small_unequal_sets_groups_for_large():
+    g = torch.Generator().manual_seed(0)
+    balanced = torch.arange(32).repeat_interleave(4)
+    zipf = torch.multinomial(1 / torch.arange(1, 61, dtype=torch.float64), 128, replacement=True, generator=g)
+    random40 = torch.randint(0, 40, (128,), generator=g)
+    assert E.search_path(_layout(balanced)) == "blocked"
+    assert E.search_path(_layout(balanced[torch.randperm(128, generator=g)])) == "blocked"
+    assert E.search_path(_layout(torch.arange(16).repeat_interleave(8), n=4)) == "groups"  # equal, many chunks
+    for y in (random40, torch.randint(0, 100, (128,), generator=g), zipf):
+        assert E.search_path(_layout(y)) == "rows"
+        assert E.search_path(_layout(y, pairs="adjacent")) == "rows"
+    assert E.search_path(_layout(random40, n=8)) == "groups"  # R·M > _ROWS_MAX_ENTRIES
+    assert E.search_path(_layout([0, 0, 0])) == "blocked"  # one class: nothing to search
+    layout = _layout([0, 0, 0, 1, 2, 2])  # expanded sizes 3 + 2·3, 1, 2 + 2·1: M = 14
+    assert R.row_entries(layout) == (14 - 9) * 14
 
 
 @pytest.mark.parametrize("seed", range(3))

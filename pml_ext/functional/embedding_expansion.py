@@ -33,6 +33,7 @@ __all__ = [
     "batch_layout",
     "first_appearance_classes",
     "hardest_negative_pairs_in_layout",
+    "search_path",
     "hardened_pair_matrix",
     "safe_sqrt",
     "take",
@@ -366,10 +367,22 @@ class HardestPairs(NamedTuple):
 
 
 _SEARCH_CHUNK_ENTRIES = 1 << 17  # bound on the transient search block, in entries (512 kB in float32)
-# "auto": the blocked search (embedding_expansion_blocked) or the grouped one
-# (embedding_expansion_groups), whichever the cost model expects cheaper for the label pattern;
-# "blocked" / "groups" force one (tests)
+# "auto": the search the cost model expects cheapest for the label pattern (search_path); "blocked",
+# "groups" or "rows" force one (tests, benchmarks)
 _SEARCH = "auto"
+
+
+def search_path(layout: "BatchLayout") -> str:
+    """The search the cost model picks for a label pattern (cached on the layout): "rows"
+    (:mod:`~pml_ext.functional.embedding_expansion_rows`) for unequal classes with a small
+    expanded set, else "groups" (:mod:`~pml_ext.functional.embedding_expansion_groups`) or
+    "blocked" (:mod:`~pml_ext.functional.embedding_expansion_blocked`)."""
+    from .embedding_expansion_groups import use_groups
+    from .embedding_expansion_rows import use_rows
+
+    if use_rows(layout):
+        return "rows"
+    return "groups" if use_groups(layout) else "blocked"
 
 
 def hardest_negative_pairs(
@@ -393,9 +406,10 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     """EE's hard negative pair mining (§3.2) on a :class:`BatchLayout`.
 
     The search runs without autograd, by the blocked search
-    (:func:`~pml_ext.functional.embedding_expansion_blocked.hardest_in_blocks`) or the grouped
-    one (:func:`~pml_ext.functional.hardest_negative_pairs_in_groups`), whichever the cost model
-    (:func:`~pml_ext.functional.use_groups`) expects cheaper for the label pattern; any distance
+    (:func:`~pml_ext.functional.embedding_expansion_blocked.hardest_in_blocks`), the grouped one
+    (:func:`~pml_ext.functional.hardest_negative_pairs_in_groups`) or the row search
+    (:func:`~pml_ext.functional.hardest_negative_pairs_in_rows`), whichever the cost model
+    (:func:`search_path`) expects cheapest for the label pattern; any distance
     that is not an inner-product one searches its explicit [M, M] matrix. The gradient flows only
     through the C² selected pairs, recomputed from the Gram matrix. ``originals_best`` also
     returns the best value per class pair over originals only (the miner's statistics).
@@ -405,9 +419,14 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     kind = gram_kind(distance)
     if kind is None:
         return blocked.hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)
-    from .embedding_expansion_groups import hardest_negative_pairs_in_groups, use_groups
+    path = search_path(layout) if _SEARCH == "auto" else _SEARCH
+    if path == "rows":
+        from .embedding_expansion_rows import hardest_negative_pairs_in_rows
 
-    if _SEARCH == "groups" or (_SEARCH == "auto" and use_groups(layout)):
+        return hardest_negative_pairs_in_rows(embeddings, layout, distance, kind, normalize, originals_best)
+    if path == "groups":
+        from .embedding_expansion_groups import hardest_negative_pairs_in_groups
+
         return hardest_negative_pairs_in_groups(embeddings, layout, distance, kind, normalize, originals_best)
     return blocked.hardest_in_blocks(embeddings, layout, distance, kind, normalize, originals_best)
 

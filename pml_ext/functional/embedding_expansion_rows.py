@@ -1,0 +1,174 @@
+"""EE's hard negative pair search row by row over the expanded set (Ko & Gu, CVPR 2020, §3.2).
+
+The blocked search pads every class to the largest class's expanded size; with unequal classes
+(random labels, long-tailed data) that box is far larger than the expanded set. This search
+follows the expanded set itself, in three dense stages. Every expanded point is
+``s·(w₁·x_i + w₂·x_j)`` (EE Eqs. 1-2), so its inner product with any point is two gathered
+entries of ``G Wᵀ`` (G: the originals' Gram matrix) and a multiply-add:
+
+- stage 1: the points of every class but the largest ("rows", R of the M points) against every
+  point, [R, M] values in memory chunks of rows, reduced over each row class's points (a scatter
+  of maxima along rows, values only): the best point of class x against every point, [C, M].
+  Search values are symmetric, so the largest class's pairs come from the other side and its
+  block, usually the largest, is never computed;
+- stage 2: for every class pair (x, y), the best value and the first point of y attaining it
+  (a segment reduction over the [C, M] table);
+- stage 3: every row point against the point chosen for its class and each y, [R, C] values,
+  gives the first point of x attaining the best.
+
+A handful of operations whatever the label pattern (the loop is over memory chunks: one for
+usual batches), and no per-pattern structure beyond a few [M] index lists (cached on the layout):
+on CPU this is the cheapest search for the small unequal classes of random and long-tailed
+batches. Its cost is R·M entries at about four memory passes each; the grouped search
+(:mod:`~pml_ext.functional.embedding_expansion_groups`) computes each class pair once with
+batched products over the classes' originals, which is cheaper when classes have many points
+(n ≥ 4, or many samples per class); :func:`~pml_ext.functional.use_groups` and
+:func:`use_rows` choose. The gradient flows only through the C² selected pairs
+(:func:`~pml_ext.functional.embedding_expansion_pairs.selected_pair_values`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import embedding_expansion as _ee
+from .embedding_expansion import HardestPairs, _mat_from_gram, _sq_norms, safe_sqrt, take, take_columns
+from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
+from .primitives import segment_best
+
+__all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "hardest_negative_pairs_in_rows"]
+
+_ROW_CHUNK_ENTRIES = 1 << 18  # bound on the transient [rows, M] block, in entries (1 MB in float32)
+# The row search is chosen for unequal classes up to this many stage-1 entries (R·M). Measured on
+# CPU (B = 128, d = 512, one thread; ``python -m benchmarks.perf_ee --paths`` times the three
+# searches, each building its per-pattern structures as a new label pattern does), rows vs
+# grouped: random40 n=2 253k entries 3.3 vs 3.8 ms, zipf60 n=2 662k 4.2 vs 4.5, random40 n=4
+# 777k 4.1 vs 4.3, random100 n=8 660k 5.2 vs 5.1, random40 n=8 2.7M 7.3 vs 5.6.
+_ROWS_MAX_ENTRIES = 800_000
+
+
+class RowPlan(NamedTuple):
+    """The label pattern's index lists for the row search (built once per pattern)."""
+
+    point_class: torch.Tensor  # [M] class of every expanded point
+    rows: torch.Tensor  # [R] the points of every class but the largest (expanded-set indices)
+    row_ends: torch.Tensor  # [2, R] their two originals
+    row_class: torch.Tensor  # [R]
+    endpoints: torch.Tensor  # [2, M] every point's two originals
+    largest: int  # the class whose pairs are searched from the other side
+
+
+def row_plan(layout) -> RowPlan:
+    """The :class:`RowPlan` of a :class:`~pml_ext.functional.BatchLayout` (cached on it)."""
+    return layout.extra("rows", _build_plan)
+
+
+def row_entries(layout) -> int:
+    """Stage-1 entries of the row search, R·M (the cost model's measure), from class sizes alone."""
+    sizes = layout.class_sizes
+    m = int(sizes.sum())
+    return (m - int(sizes.max())) * m if layout.num_classes else 0
+
+
+def use_rows(layout) -> bool:
+    """Whether the row search is the one to use for this label pattern: classes of unequal
+    expanded size (equal classes have no padding in the blocked search, whose few large batched
+    products are then cheaper) and at most _ROWS_MAX_ENTRIES stage-1 entries (beyond that the
+    grouped search's batched products over each class's originals cost less per entry). Cached on
+    the layout."""
+    def choose(lay) -> bool:
+        sizes = lay.class_sizes
+        return bool(lay.num_classes > 1 and int(sizes.min()) != int(sizes.max())
+                    and row_entries(lay) <= _ROWS_MAX_ENTRIES)
+    return layout.extra("use_rows", choose)
+
+
+def _build_plan(layout) -> RowPlan:
+    ex = layout.expanded
+    point_class = layout.classes.index_select(0, ex.first)
+    largest = int(layout.class_sizes.argmax()) if layout.num_classes else 0
+    rows = (point_class != largest).nonzero().squeeze(1)
+    endpoints = torch.stack([ex.first, ex.second])
+    return RowPlan(point_class, rows, endpoints.index_select(1, rows), point_class.index_select(0, rows),
+                   endpoints, largest)
+
+
+def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, kind: str,
+                                   normalize: bool = True, originals_best: bool = False) -> HardestPairs:
+    """EE's hard negative pair mining (§3.2) by the row search (module docstring): the same
+    result as the blocked search off the diagonal (up to exact ties). On the diagonal (a class
+    against itself, which no loss uses) every class gets its first original paired with itself."""
+    ex, c = layout.expanded, layout.num_classes
+    m = ex.labels.numel()
+    plan = row_plan(layout)
+    gram = _ee.normalized_gram(embeddings, distance)
+    normalizing = normalize and bool(ex.is_synthetic.any())
+    with torch.no_grad():
+        gd = gram.detach()
+        f, s = ex.first, ex.second
+        wf, ws = ex.w_first.to(gd.dtype), ex.w_second.to(gd.dtype)  # EE Eq. 1
+        sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
+        if normalizing:
+            scale = synthetic_scale(sq, ex.is_synthetic)
+            wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
+        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
+                     and bool((sq > 0.5).all()))
+        inverted = True if on_sphere else distance.is_inverted
+        worst = float("-inf") if inverted else float("inf")
+
+        def transform(r, sq_q, sq_p):
+            """Search values from inner products; ``sq_q``/``sq_p`` give the squared norms (called
+            only for Euclidean values off the sphere)."""
+            if on_sphere:
+                return r
+            if kind == "euclidean":
+                r = safe_sqrt(sq_q() + sq_p() - 2 * r)
+            return r**distance.power if distance.power != 1 else r
+
+        rows, row_class = plan.rows, plan.row_class
+        fr, sr = plan.row_ends
+        wfr, wsr, sqr = wf.index_select(0, rows), ws.index_select(0, rows), sq.index_select(0, rows)
+        # gt[j, p] = <original j, point p>: two column gathers of the Gram matrix
+        gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
+        r_n = rows.numel()
+        best_cp = gd.new_full((c, m), worst)  # [row class, point]: best of the class's points against it
+        step = max(1, _ROW_CHUNK_ENTRIES // max(1, m))
+        for lo in range(0, r_n, step):  # memory chunks of rows (one for usual batches)
+            hi = min(r_n, lo + step)
+            v = gt.index_select(0, fr[lo:hi]).mul_(wfr[lo:hi, None])
+            v = transform(v.addcmul_(gt.index_select(0, sr[lo:hi]), wsr[lo:hi, None]),
+                          lambda: sqr[lo:hi, None], lambda: sq)
+            best_cp.scatter_reduce_(0, row_class[lo:hi, None].expand_as(v), v, "amax" if inverted else "amin")
+        # stage 2: [x, y] the best over y's points, and the first point attaining it
+        best, cols = segment_best(best_cp, plan.point_class, c, inverted, worst)
+        # stage 3: every row point against the point chosen for its class and each y: the first best one
+        target = cols.index_select(0, row_class)  # [R, C]
+        v = take(gt, fr[:, None] * m + target).mul_(wfr[:, None]).addcmul_(take(gt, sr[:, None] * m + target),
+                                                                          wsr[:, None])
+        v = transform(v, lambda: sqr[:, None], lambda: take(sq, target))
+        rows = take(rows, segment_best(v.t(), row_class, c, inverted, worst)[1].t()) if r_n else torch.zeros_like(cols)
+        # the largest class's pairs from the other side; every class against itself: its first original
+        big, first, eye = plan.largest, layout.first_index, layout.class_eye
+        rows[big], cols[big], best[big] = cols[:, big].clone(), rows[:, big].clone(), best[:, big].clone()
+        rows = torch.where(eye, first[:, None], rows)
+        cols = torch.where(eye, first[None, :], cols)
+        sq_first = take(sq, first)
+        best.diagonal().copy_(transform(sq_first, lambda: sq_first, lambda: sq_first))
+        best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
+        idx = torch.stack([rows, cols])  # [2, C, C] expanded-set indices of the row and the column point
+        ends = take_columns(plan.endpoints, idx).transpose(0, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
+        wsel = take_columns(torch.stack([wf, ws]), idx).transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
+        sqn = take(sq, idx)
+        syn = take(ex.is_synthetic, idx) if normalizing else torch.zeros_like(idx, dtype=torch.bool)
+    hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], eye, kind, distance.power)
+    return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
+                        _mat_from_gram(gram, kind, distance.power))
+
+
+def _originals_best(gd, classes, c, transform, inverted, worst):
+    """Best search value of every class pair over originals only, [C, C] (the miner's statistics)."""
+    sq = torch.diagonal(gd)
+    per_point, _ = segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
+                                 worst)  # [B, y]
+    return segment_best(per_point.t(), classes, c, inverted, worst)[0].t()
