@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .primitives import _safe_inverse, normalized_gram, safe_sqrt, take, take_columns
+from .primitives import _safe_inverse, normalized_gram, safe_sqrt, segment_best, take, take_columns
 
 __all__ = [
     "PAIR_MODES",
@@ -348,6 +348,15 @@ def expanded_pair_values(
         return expanded_distance_matrix(embeddings, ex, distance, normalize)[rows, cols]
     x = distance.maybe_normalize(embeddings)
     return _pair_values_from_gram(x @ x.t(), ex, rows, cols, normalize, kind, distance.power)
+
+
+def _originals_best(gd, classes, c, transform, inverted, worst):
+    """Best search value of every class pair over originals only, [C, C] (the miner's statistics), from
+    the search's ``transform`` of inner products (the grouped and the row search)."""
+    sq = torch.diagonal(gd)
+    per_point, _ = segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
+                                 worst)  # [B, y]
+    return segment_best(per_point.t(), classes, c, inverted, worst)[0].t()
 
 
 class HardestPairs(NamedTuple):

@@ -33,7 +33,8 @@ from typing import NamedTuple
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import HardestPairs, _mat_from_gram, _sq_norms, safe_sqrt, take, take_columns
+from .embedding_expansion import (HardestPairs, _mat_from_gram, _originals_best, _sq_norms, safe_sqrt, take,
+                                  take_columns)
 from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
 from .primitives import segment_best
 
@@ -165,10 +166,3 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
     return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))
 
-
-def _originals_best(gd, classes, c, transform, inverted, worst):
-    """Best search value of every class pair over originals only, [C, C] (the miner's statistics)."""
-    sq = torch.diagonal(gd)
-    per_point, _ = segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
-                                 worst)  # [B, y]
-    return segment_best(per_point.t(), classes, c, inverted, worst)[0].t()
