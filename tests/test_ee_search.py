@@ -351,3 +351,40 @@ def test_unbalanced_batches_are_built_directly():
 
     classes, num = F.first_appearance_classes(torch.tensor([0, 1, 1, 2, 2, 2]))
     assert balanced_layout(classes, num, 2, "all", torch.float32) is None
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("n", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_layout_equals_the_direct_construction(pairs, n, dtype):
+    """A new unbalanced label pattern on CPU is built with NumPy: field by field the layout built
+    with tensor operations (expanded set in the batch's order, slots, weights, masks)."""
+    from pml_ext.functional.embedding_expansion_layouts import numpy_layout
+
+    g = torch.Generator().manual_seed(20 + n)
+    for trial in range(20):
+        b, c = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+        classes, num = F.first_appearance_classes(torch.randint(0, c, (b,), generator=g))
+        got = numpy_layout(classes, num, n, pairs, dtype)
+        want = F.BatchLayout(classes, num, F.expand(classes, n, pairs, dtype))
+        for u, v in zip(got.expanded, want.expanded):
+            assert (u == v) if isinstance(u, int) else (u.dtype == v.dtype and torch.equal(u, v))
+        for name in ("classes", "first_index", "_original_slots", "class_sizes", "slots", "weights", "originals",
+                     "negative", "positive", "pair_index", "class_eye"):
+            u, v = getattr(got, name), getattr(want, name)
+            assert u.dtype == v.dtype and torch.equal(u, v), name
+
+
+def test_batch_layout_builds_new_unbalanced_patterns_with_numpy_for_float32_and_float64(monkeypatch):
+    import pml_ext.functional.embedding_expansion_layouts as Lay
+
+    built = []
+    monkeypatch.setattr(Lay, "numpy_layout", lambda *a: built.append(a[-1]) or Lay.BatchLayout(
+        a[0], a[1], F.expand(a[0], a[2], a[3], a[4])))
+    y = torch.tensor([4, 4, 7, 1, 1, 1])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        E._LAYOUT_CACHE.clear()
+        layout = F.batch_layout(y, 2, "all", dtype)
+        assert layout.expanded.w_first.dtype == dtype
+    assert built == [torch.float32, torch.float64]  # bfloat16 (no NumPy type): tensor operations
+    E._LAYOUT_CACHE.clear()
