@@ -388,3 +388,28 @@ def test_batch_layout_builds_new_unbalanced_patterns_with_numpy_for_float32_and_
         assert layout.expanded.w_first.dtype == dtype
     assert built == [torch.float32, torch.float64]  # bfloat16 (no NumPy type): tensor operations
     E._LAYOUT_CACHE.clear()
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_segment_best_matches_loops_with_ties_and_empty_segments(inverted, dtype):
+    """The best over each segment's rows and the first row attaining it (many exact ties; segment 3
+    is empty: worst value, row clamped to M-1)."""
+    from pml_ext.functional.primitives import segment_best
+
+    g = torch.Generator().manual_seed(11)
+    m, r, s = 300, 7, 5  # 300 rows: bfloat16 holds only 256 integers exactly, the row numbers must not use it
+    values = torch.randint(0, 3, (m, r), generator=g).to(dtype)
+    segment = torch.randint(0, s, (m,), generator=g)
+    segment[segment == 3] = 4
+    worst = float("-inf") if inverted else float("inf")
+    best, arg = segment_best(values, segment, s, inverted, worst)
+    for k in range(s):
+        for col in range(r):
+            rows = [i for i in range(m) if segment[i] == k]
+            if not rows:
+                assert best[k, col] == worst and arg[k, col] == m - 1
+                continue
+            vals = [float(values[i, col]) for i in rows]
+            want = max(vals) if inverted else min(vals)
+            assert float(best[k, col]) == want and int(arg[k, col]) == rows[vals.index(want)]

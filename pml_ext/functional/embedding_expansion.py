@@ -354,9 +354,9 @@ def _originals_best(gd, classes, c, transform, inverted, worst):
     """Best search value of every class pair over originals only, [C, C] (the miner's statistics), from
     the search's ``transform`` of inner products (the grouped and the row search)."""
     sq = torch.diagonal(gd)
-    per_point, _ = segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
-                                 worst)  # [B, y]
-    return segment_best(per_point.t(), classes, c, inverted, worst)[0].t()
+    per_class, _ = segment_best(transform(gd, lambda: sq[:, None], lambda: sq[None, :]), classes, c, inverted,
+                                worst)  # [x, j]: best of x's originals against original j
+    return segment_best(per_class.t().contiguous(), classes, c, inverted, worst)[0].t()  # [y, x] -> [x, y]
 
 
 class HardestPairs(NamedTuple):

@@ -308,7 +308,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             for lo in range(0, cg, step):  # memory chunks of classes (one for usual batches)
                 best_cp[g.classes[lo:lo + step], g.row_start:] = reduce(against(g, w, lo, min(cg, lo + step)), dim=1)
         # stage 2: [column class y, row class x]: best over x's points, and the first point attaining it
-        best_yx, rows_yx = segment_best(best_cp, point_class, c, inverted, worst)
+        best_yx, rows_yx = (t.t() for t in segment_best(best_cp.t().contiguous(), point_class, c, inverted, worst))
         # stage 3: every point of class x against the point of y chosen for (x, y): the first best
         # one, group by group (a class searched only from the other side is skipped: never read)
         cols = torch.zeros_like(rows_yx)  # [x, y], transposed below

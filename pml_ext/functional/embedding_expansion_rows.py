@@ -142,13 +142,13 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
                           lambda: sqr[lo:hi, None], lambda: sq)
             best_cp.scatter_reduce_(0, row_class[lo:hi, None].expand_as(v), v, "amax" if inverted else "amin")
         # stage 2: [x, y] the best over y's points, and the first point attaining it
-        best, cols = segment_best(best_cp, plan.point_class, c, inverted, worst)
+        best, cols = (t.t() for t in segment_best(best_cp.t().contiguous(), plan.point_class, c, inverted, worst))
         # stage 3: every row point against the point chosen for its class and each y: the first best one
         target = cols.index_select(0, row_class)  # [R, C]
         v = take(gt, fr[:, None] * m + target).mul_(wfr[:, None]).addcmul_(take(gt, sr[:, None] * m + target),
                                                                           wsr[:, None])
         v = transform(v, lambda: sqr[:, None], lambda: take(sq, target))
-        rows = take(rows, segment_best(v.t(), row_class, c, inverted, worst)[1].t()) if r_n else torch.zeros_like(cols)
+        rows = take(rows, segment_best(v, row_class, c, inverted, worst)[1]) if r_n else torch.zeros_like(cols)
         # the largest class's pairs from the other side; every class against itself: its first original
         big, first, eye = plan.largest, layout.first_index, layout.class_eye
         rows[big], cols[big], best[big] = cols[:, big].clone(), rows[:, big].clone(), best[:, big].clone()

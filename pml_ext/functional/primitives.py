@@ -32,15 +32,20 @@ def _safe_inverse(norm: torch.Tensor) -> torch.Tensor:
 
 
 def segment_best(values: torch.Tensor, segment: torch.Tensor, num_segments: int, inverted: bool, worst: float):
-    """Best of ``values`` [R, M] over the columns of each segment (``segment`` [M] in
-    0..S-1), [R, S], and the first column attaining it: two scatter reductions, no sort."""
-    r, m = values.shape
-    index = segment[None, :].expand(r, m)
-    best = values.new_full((r, num_segments), worst).scatter_reduce(1, index, values, "amax" if inverted else "amin")
-    hit = values == best.gather(1, index)
-    first = torch.where(hit, torch.arange(m, device=values.device)[None, :], m)
-    arg = torch.full((r, num_segments), m, dtype=torch.long, device=values.device).scatter_reduce(1, index, first, "amin")
-    return best, arg.clamp(max=max(m - 1, 0))
+    """Best of ``values`` [M, R] over the rows of each segment (``segment`` [M] in 0..S-1), [S, R],
+    and the first row attaining it. Two scatter reductions along rows with a stride-0 index (the
+    fast path of CPU scatter; along columns, or with a materialised index, it is several times
+    slower), and the first row found with float arithmetic: row j where the value is the best,
+    j + M elsewhere, then a minimum (comparisons and int64 operations cost several times more on
+    CPU). Pass ``values`` contiguous: a transposed view is read several times slower."""
+    m, r = values.shape
+    index = segment[:, None].expand(m, r)
+    best = values.new_full((num_segments, r), worst).scatter_reduce_(0, index, values, "amax" if inverted else "amin")
+    exact = torch.float32 if m < 1 << 24 else torch.float64  # row numbers held exactly
+    miss = torch.ne(values, best.index_select(0, segment)).to(exact)
+    first = torch.arange(m, dtype=exact, device=values.device)[:, None].add(miss, alpha=m)
+    arg = miss.new_full((num_segments, r), 2 * m).scatter_reduce_(0, index, first, "amin")
+    return best, arg.long().clamp_(max=max(m - 1, 0))
 
 
 class _Gram(torch.autograd.Function):

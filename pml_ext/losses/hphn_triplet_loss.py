@@ -110,8 +110,8 @@ class HPHNTripletLoss(BaseMetricLossFunction):
             synth = torch.arange(b, m, device=labels.device)
             owners = torch.cat([arange_b, ex.first[synth], ex.second[synth]])
             rows = torch.cat([arange_b, synth, synth])  # the expanded point of every entry
-            an_best, entry = segment_best(an_point[rows][None], owners, b, inverted, ignore_in_an)
-            an_best, an_row = an_best[0], rows[entry[0]]
+            an_best, entry = segment_best(an_point[rows][:, None], owners, b, inverted, ignore_in_an)
+            an_best, an_row = an_best[:, 0], rows[entry[:, 0]]
             if self.collect_stats:
                 harder = an_best < an_point[:b] if not inverted else an_best > an_point[:b]
                 self.synthetic_selection_ratio = float(harder[valid].float().mean()) if valid.any() else 0.0
