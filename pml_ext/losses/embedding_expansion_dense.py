@@ -139,8 +139,9 @@ def _all_pairs_structure(layout: F.BatchLayout):
     the [C, C] one."""
     a1, p = layout.positive.nonzero(as_tuple=True)
     a2, n = layout.negative.nonzero(as_tuple=True)
-    b, c = layout.classes.numel(), layout.num_classes
-    return (a1, p, a2, n), a1 * b + p, layout.classes[a2] * c + layout.classes[n]
+    classes, c = layout.classes, layout.num_classes
+    # index_select, not advanced indexing: on CPU several times faster over the ~B² negative pairs
+    return (a1, p, a2, n), a1 * classes.numel() + p, classes.index_select(0, a2) * c + classes.index_select(0, n)
 
 
 def _dense_contrastive(loss, hb: HardenedBatch, labels):

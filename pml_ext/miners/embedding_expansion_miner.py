@@ -123,11 +123,11 @@ class EmbeddingExpansionMiner(BaseMiner):
         layout = F.batch_layout(labels, self.n_points, self.pairs, embeddings.dtype)
         hp = F.hardest_negative_pairs_in_layout(embeddings, layout, distance, self.normalize,
                                                 originals_best=record_on.collect_stats)
-        ex = layout.expanded._replace(labels=labels[layout.expanded.first])
+        ex = layout.expanded._replace(labels=labels.index_select(0, layout.expanded.first))
         if record_on.collect_stats:
             _record_stats(record_on, hp, layout)
-        return HardenedBatch(layout.classes, labels[layout.first_index], hp.hardest, hp.rows, hp.cols, ex,
-                             hp.best, hp.search_inverted, hp.originals_mat, layout)
+        return HardenedBatch(layout.classes, labels.index_select(0, layout.first_index), hp.hardest, hp.rows,
+                             hp.cols, ex, hp.best, hp.search_inverted, hp.originals_mat, layout)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels) -> Tuple[torch.Tensor, ...]:
         if ref_emb is embeddings:
