@@ -33,8 +33,7 @@ from typing import NamedTuple
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import (HardestPairs, _mat_from_gram, _originals_best, _sq_norms, safe_sqrt, take,
-                                  take_columns)
+from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, safe_sqrt, take, take_columns
 from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
 from .primitives import segment_best
 
@@ -56,7 +55,11 @@ class RowPlan(NamedTuple):
     rows: torch.Tensor  # [R] the points of every class but the largest (expanded-set indices)
     row_ends: torch.Tensor  # [2, R] their two originals
     row_class: torch.Tensor  # [R]
+    row_offsets: torch.Tensor  # [2, R, 1] flat offsets of their originals' rows in the [B, M] matrix G Wᵀ
     endpoints: torch.Tensor  # [2, M] every point's two originals
+    weights: torch.Tensor  # [2, M] their weights (EE Eq. 1)
+    norm_index: torch.Tensor  # [3, M] flat Gram indices of (f, f), (f, s), (s, s) for every point's norm
+    norm_weights: torch.Tensor  # [3, M] their weights w_f², 2·w_f·w_s, w_s²
     largest: int  # the class whose pairs are searched from the other side
 
 
@@ -87,12 +90,15 @@ def use_rows(layout) -> bool:
 
 def _build_plan(layout) -> RowPlan:
     ex = layout.expanded
+    b, m = ex.num_originals, ex.labels.numel()
     point_class = layout.classes.index_select(0, ex.first)
     largest = int(layout.class_sizes.argmax()) if layout.num_classes else 0
     rows = (point_class != largest).nonzero().squeeze(1)
-    endpoints = torch.stack([ex.first, ex.second])
-    return RowPlan(point_class, rows, endpoints.index_select(1, rows), point_class.index_select(0, rows),
-                   endpoints, largest)
+    f, s, wf, ws = ex.first, ex.second, ex.w_first, ex.w_second
+    row_ends = torch.stack([f, s]).index_select(1, rows)
+    return RowPlan(point_class, rows, row_ends, point_class.index_select(0, rows), (row_ends * m)[..., None],
+                   torch.stack([f, s]), torch.stack([wf, ws]), torch.stack([f * b + f, f * b + s, s * b + s]),
+                   torch.stack([wf * wf, 2 * wf * ws, ws * ws]), largest)
 
 
 def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, kind: str,
@@ -107,12 +113,13 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
     normalizing = normalize and bool(ex.is_synthetic.any())
     with torch.no_grad():
         gd = gram.detach()
-        f, s = ex.first, ex.second
-        wf, ws = ex.w_first.to(gd.dtype), ex.w_second.to(gd.dtype)  # EE Eq. 1
-        sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
+        f, s = plan.endpoints
+        w = plan.weights.to(gd.dtype)  # EE Eq. 1
+        sq = (take(gd, plan.norm_index) * plan.norm_weights.to(gd.dtype)).sum(0)  # [M] squared norms before EE Eq. 2
         if normalizing:
             scale = synthetic_scale(sq, ex.is_synthetic)
-            wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
+            w, sq = w * scale, sq * scale * scale
+        wf, ws = w
         on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
                      and bool((sq > 0.5).all()))
         inverted = True if on_sphere else distance.is_inverted
@@ -129,7 +136,7 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
 
         rows, row_class = plan.rows, plan.row_class
         fr, sr = plan.row_ends
-        wfr, wsr, sqr = wf.index_select(0, rows), ws.index_select(0, rows), sq.index_select(0, rows)
+        (wfr, wsr), sqr = w.index_select(1, rows), sq.index_select(0, rows)
         # gt[j, p] = <original j, point p>: two column gathers of the Gram matrix
         gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
         r_n = rows.numel()
@@ -145,9 +152,9 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
         best, cols = (t.t() for t in segment_best(best_cp.t().contiguous(), plan.point_class, c, inverted, worst))
         # stage 3: every row point against the point chosen for its class and each y: the first best one
         target = cols.index_select(0, row_class)  # [R, C]
-        v = take(gt, fr[:, None] * m + target).mul_(wfr[:, None]).addcmul_(take(gt, sr[:, None] * m + target),
-                                                                          wsr[:, None])
-        v = transform(v, lambda: sqr[:, None], lambda: take(sq, target))
+        ends_rc = take(gt, plan.row_offsets + target)  # [2, R, C] the row points' originals against the targets
+        v = transform(ends_rc[0].mul_(wfr[:, None]).addcmul_(ends_rc[1], wsr[:, None]), lambda: sqr[:, None],
+                      lambda: take(sq, target))
         rows = take(rows, segment_best(v, row_class, c, inverted, worst)[1]) if r_n else torch.zeros_like(cols)
         # the largest class's pairs from the other side; every class against itself: its first original
         big, first, eye = plan.largest, layout.first_index, layout.class_eye
@@ -159,7 +166,7 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
         idx = torch.stack([rows, cols])  # [2, C, C] expanded-set indices of the row and the column point
         ends = take_columns(plan.endpoints, idx).transpose(0, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
-        wsel = take_columns(torch.stack([wf, ws]), idx).transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
+        wsel = take_columns(w, idx).transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
         sqn = take(sq, idx)
         syn = take(ex.is_synthetic, idx) if normalizing else torch.zeros_like(idx, dtype=torch.bool)
     hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], eye, kind, distance.power)
