@@ -94,13 +94,14 @@ def test_every_distance(name, dist):
         pytest.param([0, 1, 2, 3], id="all-unique"),
         pytest.param([7, 7, 7, 7], id="one-class"),
         pytest.param([3], id="one-sample"),
+        pytest.param([], id="empty"),
     ],
 )
 def test_degenerate_batches_are_well_defined_and_connected_to_graph(name, labels):
     """No synthetic points or no negatives: EE equals the plain loss (zero where it needs
     tuples that do not exist, e.g. triplets; pair losses with only negatives or only positives
-    keep their value). HPHN has no valid anchor: zero."""
-    y = torch.tensor(labels)
+    keep their value). HPHN has no valid anchor: zero. An empty batch: zero, as PML's losses."""
+    y = torch.tensor(labels, dtype=torch.long)
     x = torch.randn(len(labels), 6, requires_grad=True)
     obj = make(name)
     out = obj(x, y)

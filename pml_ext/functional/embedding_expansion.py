@@ -425,6 +425,12 @@ def hardest_negative_pairs_in_layout(embeddings: torch.Tensor, layout: BatchLayo
     """
     from . import embedding_expansion_blocked as blocked
 
+    if layout.num_classes == 0:  # an empty batch: no class pair, a [0, 0] result on the graph
+        mat = distance(embeddings)
+        none = torch.zeros(0, 0, dtype=torch.long, device=embeddings.device)
+        best = mat.detach()
+        return HardestPairs(mat, none, none, best, best if originals_best else None, distance.is_inverted, layout,
+                            mat)
     kind = gram_kind(distance)
     if kind is None:
         return blocked.hardest_from_full_matrix(embeddings, layout, distance, normalize, originals_best)

@@ -39,7 +39,9 @@ from .primitives import segment_best
 
 __all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "hardest_negative_pairs_in_rows"]
 
-_ROW_CHUNK_ENTRIES = 1 << 18  # bound on the transient [rows, M] block, in entries (1 MB in float32)
+# bound on the transient [rows, M] block, in entries (256 kB in float32): with 1 << 18, peak memory
+# on random40 / zipf60 batches rose to 1.3x / 2.4x plain MS (RSS growth), at no measurable gain in time
+_ROW_CHUNK_ENTRIES = 1 << 16
 # The row search is chosen for unequal classes up to this many stage-1 entries (R·M). Measured on
 # CPU (B = 128, d = 512, one thread; ``python -m benchmarks.perf_ee --paths`` times the three
 # searches, each building its per-pattern structures as a new label pattern does), rows vs

@@ -162,7 +162,7 @@ def _dense_contrastive(loss, hb: HardenedBatch, labels):
 def _npair_structure(layout: F.BatchLayout):
     """PML's N-pair choice: for every class with a positive pair, its first two samples."""
     c = layout.num_classes
-    members = layout.originals.view(c, -1)  # batch order inside each class
+    members = layout.originals.view(c, -1) if c else layout.originals.view(0, 1)  # batch order inside each class
     if members.shape[1] < 2:
         empty = members.new_empty(0)
         return empty, empty

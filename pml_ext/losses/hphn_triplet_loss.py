@@ -76,6 +76,9 @@ class HPHNTripletLoss(BaseMetricLossFunction):
         return super().forward(embeddings, labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if labels.numel() == 0:  # an empty batch: no anchor, as PML's losses
+            self.num_anchors = 0
+            return self.zero_losses()
         inverted = self.distance.is_inverted
         ex = F.expand(labels, self.n_points, self.pairs, embeddings.dtype)
         b, m = ex.num_originals, ex.labels.numel()
