@@ -165,26 +165,15 @@ def test_a_class_alone_in_its_group_pairs_its_first_point_with_itself(search):
     assert torch.isfinite(hp.best).all() and torch.isfinite(hp.hardest).all()
 
 
+@pytest.mark.parametrize("path, module, constant", [("groups", G, "_SEARCH_CHUNK_ENTRIES"),
+                                                    ("rows", R, "_ROW_CHUNK_ENTRIES")])
 @pytest.mark.parametrize("kind", ["l2", "l2raw", "cos"])
-def test_grouped_search_in_memory_chunks_is_the_same(search, monkeypatch, kind):
-    search("groups")
+def test_search_in_memory_chunks_is_the_same(search, monkeypatch, path, module, constant, kind):
+    search(path)
     x, y = batch(BATCHES["long_tailed"], seed=5)
     results = []
-    for entries in (1 << 22, 1):  # one chunk; one class per chunk
-        monkeypatch.setattr(G, "_SEARCH_CHUNK_ENTRIES", entries)
-        _, hp = hardest(x, y, GRAM_DISTANCES[kind](), 2, "all", True)
-        results.append((hp.rows, hp.cols, hp.hardest.detach(), hp.best))
-    for u, v in zip(*results):
-        assert torch.equal(u, v)
-
-
-@pytest.mark.parametrize("kind", ["l2", "l2raw", "cos"])
-def test_row_search_in_memory_chunks_is_the_same(search, monkeypatch, kind):
-    search("rows")
-    x, y = batch(BATCHES["long_tailed"], seed=5)
-    results = []
-    for entries in (1 << 22, 1):  # one chunk; one row per chunk
-        monkeypatch.setattr(R, "_ROW_CHUNK_ENTRIES", entries)
+    for entries in (1 << 22, 1):  # one chunk; one class (grouped) or one row (rows) per chunk
+        monkeypatch.setattr(module, constant, entries)
         _, hp = hardest(x, y, GRAM_DISTANCES[kind](), 2, "all", True)
         results.append((hp.rows, hp.cols, hp.hardest.detach(), hp.best))
     for u, v in zip(*results):

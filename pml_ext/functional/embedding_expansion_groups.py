@@ -21,7 +21,9 @@ k + n·k(k−1)/2 points, so one large class sets K for all. Here the cost follo
   point (one batched product per group over each class's originals, C·M values in all); pairs
   searched from the other side are mirrored.
 
-:func:`use_groups` chooses between the two searches per batch from the label pattern alone (a
+For the label patterns the row search (:mod:`~pml_ext.functional.embedding_expansion_rows`) does
+not take (equal classes, or many points per class: :func:`~pml_ext.functional.search_path`),
+:func:`use_groups` chooses between this search and the blocked one from the label pattern alone (a
 cost model of both searches' entries and fixed work). The gradient flows only through the C²
 selected pairs, from the endpoints of their points
 (:func:`~pml_ext.functional.embedding_expansion_pairs.selected_pair_values`).
@@ -34,8 +36,8 @@ import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, _sq_norms, safe_sqrt, take, take_columns
-from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
+from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, _sq_norms, take, take_columns
+from .embedding_expansion_pairs import search_values, selected_pair_values, synthetic_scale
 from .primitives import segment_best
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
@@ -259,21 +261,9 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
         if normalizing:
             scale = synthetic_scale(sq, grouped.synthetic)
             wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
-        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
-                     and bool((sq > 0.5).all()))
-        inverted = True if on_sphere else distance.is_inverted
-        worst = float("-inf") if inverted else float("inf")
+        transform, inverted, worst = search_values(sq, kind, distance, normalize)
         # gt[j, p] = <original j, point at position p>: two column gathers of the Gram matrix
         gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
-
-        def transform(r, sq_q, sq_p):
-            """Search values from inner products; ``sq_q``/``sq_p`` give the squared norms (called
-            only for Euclidean values off the sphere)."""
-            if on_sphere:
-                return r
-            if kind == "euclidean":
-                r = safe_sqrt(sq_q() + sq_p() - 2 * r)
-            return r**distance.power if distance.power != 1 else r
 
         def group_weights(g: ClassGroup) -> torch.Tensor:
             """[C_g, K_g, k_g] the group's points over their classes' originals, EE Eq. 2 included."""

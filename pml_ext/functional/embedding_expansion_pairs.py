@@ -24,6 +24,28 @@ def synthetic_scale(sq: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
     return torch.where(synthetic, inv, 1.0)
 
 
+def search_values(sq: torch.Tensor, kind: str, distance, normalize: bool):
+    """How the grouped and the row search turn inner products into search values, from the
+    points' squared norms ``sq``: ``(transform, inverted, worst)``. ``transform(r, sq_q, sq_p)``
+    maps inner products ``r`` to search values (``sq_q``/``sq_p`` give the squared norms, called
+    only for Euclidean values off the sphere); larger values are harder when ``inverted``;
+    ``worst`` fills what a reduction must ignore. When every point is on the unit sphere
+    (L2-normalising Lp distance, ``normalize=True``) the Euclidean distance decreases with the
+    inner product, so the search runs on the inner products themselves, without square roots."""
+    on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
+                 and bool((sq > 0.5).all()))
+    inverted = True if on_sphere else distance.is_inverted
+
+    def transform(r, sq_q, sq_p):
+        if on_sphere:
+            return r
+        if kind == "euclidean":
+            r = safe_sqrt(sq_q() + sq_p() - 2 * r)
+        return r**distance.power if distance.power != 1 else r
+
+    return transform, inverted, float("-inf") if inverted else float("inf")
+
+
 def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[2, 2, ...] products a_α · b_β of two [2, ...] weight pairs."""
     return a[:, None] * b[None, :]

@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, safe_sqrt, take, take_columns
-from .embedding_expansion_pairs import selected_pair_values, synthetic_scale
+from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, take, take_columns
+from .embedding_expansion_pairs import search_values, selected_pair_values, synthetic_scale
 from .primitives import segment_best
 
 __all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "hardest_negative_pairs_in_rows"]
@@ -122,19 +122,7 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
             scale = synthetic_scale(sq, ex.is_synthetic)
             w, sq = w * scale, sq * scale * scale
         wf, ws = w
-        on_sphere = (kind == "euclidean" and normalize and distance.normalize_embeddings and distance.power > 0
-                     and bool((sq > 0.5).all()))
-        inverted = True if on_sphere else distance.is_inverted
-        worst = float("-inf") if inverted else float("inf")
-
-        def transform(r, sq_q, sq_p):
-            """Search values from inner products; ``sq_q``/``sq_p`` give the squared norms (called
-            only for Euclidean values off the sphere)."""
-            if on_sphere:
-                return r
-            if kind == "euclidean":
-                r = safe_sqrt(sq_q() + sq_p() - 2 * r)
-            return r**distance.power if distance.power != 1 else r
+        transform, inverted, worst = search_values(sq, kind, distance, normalize)
 
         rows, row_class = plan.rows, plan.row_class
         fr, sr = plan.row_ends
