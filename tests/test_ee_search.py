@@ -402,3 +402,20 @@ def test_segment_best_matches_loops_with_ties_and_empty_segments(inverted, dtype
             vals = [float(values[i, col]) for i in rows]
             want = max(vals) if inverted else min(vals)
             assert float(best[k, col]) == want and int(arg[k, col]) == rows[vals.index(want)]
+
+
+@pytest.mark.parametrize("path", ["blocked", *UNEQUAL])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [2, 8])
+def test_half_precision_on_unequal_classes(search, path, dtype, n):
+    """Every search takes half-precision embeddings on a batch of unequal classes (the grouped
+    search's NumPy builder once failed on bfloat16 weights) and stays close to float64."""
+    search(path)
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(40, 16, generator=g, dtype=torch.float64), torch.randint(0, 9, (40,), generator=g)
+    want = EmbeddingExpansionLoss(losses.ContrastiveLoss(), n_points=n)(x, y)
+    xx = x.to(dtype).requires_grad_(True)
+    got = EmbeddingExpansionLoss(losses.ContrastiveLoss(), n_points=n)(xx, y)
+    got.backward()
+    assert torch.isfinite(xx.grad).all()
+    assert got.double().item() == pytest.approx(want.item(), rel=5e-2)

@@ -148,7 +148,9 @@ def _build_groups(layout) -> ClassGroups:
     rank[by_size] = np.arange(c)
     order = np.argsort(rank[classes[e_first]], kind="stable")  # class by class, originals first
     first, second = e_first[order], e_second[order]
-    w_first, w_second = ex.w_first.cpu().numpy()[order], ex.w_second.cpu().numpy()[order]
+    # the weights in float64 (NumPy has no bfloat16), back in the layout's dtype below: EE Eq. 1's
+    # k/(n+1) and their sums with 0 are exact in both
+    w_first, w_second = ex.w_first.cpu().double().numpy()[order], ex.w_second.cpu().double().numpy()[order]
     start = np.cumsum(sorted_sizes) - sorted_sizes  # [C] first position, by rank
     k_sizes = np.bincount(classes, minlength=c)[by_size]  # originals per class, by rank
     distinct, counts = np.unique(sorted_sizes, return_counts=True)
@@ -190,17 +192,20 @@ def _build_groups(layout) -> ClassGroups:
     def t(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
+    def tw(a):
+        return t(a).to(ex.w_first.dtype)
+
     split = np.cumsum([0] + [n * kk for n, kk in zip(n_g, big_k)])
     split_w = np.cumsum([0] + [n * kk * k for n, kk, k in zip(n_g, big_k, small_k)])
     split_o = np.cumsum([0] + [n * k for n, k in zip(n_g, small_k)])
     split_c = np.cumsum([0] + n_g)
     groups = [ClassGroup(t(by_size[split_c[j]:split_c[j + 1]]), t(slots[split[j]:split[j + 1]]).view(n, kk),
-                         t(w[split_w[j]:split_w[j + 1]]).view(n, kk, k), t(members[split_o[j]:split_o[j + 1]]), rs)
+                         tw(w[split_w[j]:split_w[j + 1]]).view(n, kk, k), t(members[split_o[j]:split_o[j + 1]]), rs)
               for j, (n, kk, k, rs) in enumerate(zip(n_g, big_k, small_k, row_starts))]
-    return ClassGroups(t(order), t(classes[first]), t(first), t(second), t(w_first), t(w_second),
+    return ClassGroups(t(order), t(classes[first]), t(first), t(second), tw(w_first), tw(w_second),
                        t(ex.is_synthetic.cpu().numpy()[order]), t(alone), t(direct),
                        t(group[:, None] < group[None, :]), t(start[rank]), t(np.stack([first, second])),
-                       t(np.stack([w_first, w_second])), bool(ex.is_synthetic.any()), groups)
+                       tw(np.stack([w_first, w_second])), bool(ex.is_synthetic.any()), groups)
 
 
 def use_groups(layout) -> bool:

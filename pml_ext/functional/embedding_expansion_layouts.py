@@ -218,11 +218,17 @@ def numpy_layout(classes: torch.Tensor, c: int, n_points: int, pairs: str, dtype
     ex = ExpandedSet(t(first), t(second), t(np.concatenate([np.ones(b, np_dtype), w_i])),
                      t(np.concatenate([np.zeros(b, np_dtype), 1 - w_i])), t(cls[first]),
                      t(np.arange(first.size) >= b), b)
+    negative = cls[:, None] != cls[None, :]
+    positive = ~negative
+    np.fill_diagonal(positive, False)
     layout = BatchLayout.__new__(BatchLayout)
     layout.__dict__.update(classes=classes, num_classes=c, expanded=ex, _extras={},
                            first_index=t(order[starts] if b else np.zeros(c, dtype=np.int64)),
                            _original_slots=t(original_slots),
-                           class_sizes=t(np.bincount(cls[first], minlength=c)))
+                           class_sizes=t(np.bincount(cls[first], minlength=c)),
+                           # the [B, B] masks most losses read, here rather than lazily by tensor operations
+                           negative=t(negative), positive=t(positive), pair_index=t(cls[:, None] * c + cls[None, :]),
+                           class_eye=t(np.eye(c, dtype=bool)))
     return layout
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
@@ -72,9 +73,8 @@ def row_plan(layout) -> RowPlan:
 
 def row_entries(layout) -> int:
     """Stage-1 entries of the row search, R·M (the cost model's measure), from class sizes alone."""
-    sizes = layout.class_sizes
-    m = int(sizes.sum())
-    return (m - int(sizes.max())) * m if layout.num_classes else 0
+    sizes = layout.class_sizes.tolist()
+    return (sum(sizes) - max(sizes)) * sum(sizes) if sizes else 0
 
 
 def use_rows(layout) -> bool:
@@ -84,22 +84,29 @@ def use_rows(layout) -> bool:
     grouped search's batched products over each class's originals cost less per entry). Cached on
     the layout."""
     def choose(lay) -> bool:
-        sizes = lay.class_sizes
-        return bool(lay.num_classes > 1 and int(sizes.min()) != int(sizes.max())
-                    and row_entries(lay) <= _ROWS_MAX_ENTRIES)
+        sizes = lay.class_sizes.tolist()  # a few Python numbers: no tensor operation per call
+        return len(sizes) > 1 and min(sizes) != max(sizes) and row_entries(lay) <= _ROWS_MAX_ENTRIES
     return layout.extra("use_rows", choose)
 
 
 def _build_plan(layout) -> RowPlan:
-    ex = layout.expanded
+    """The plan's index lists with NumPy (a few hundred integers, paid once per label pattern: every
+    step for random batches, where each tensor operation's fixed cost would dominate); the
+    weights with tensor operations, in the layout's dtype."""
+    ex, device = layout.expanded, layout.classes.device
     b, m = ex.num_originals, ex.labels.numel()
-    point_class = layout.classes.index_select(0, ex.first)
-    largest = int(layout.class_sizes.argmax()) if layout.num_classes else 0
-    rows = (point_class != largest).nonzero().squeeze(1)
-    f, s, wf, ws = ex.first, ex.second, ex.w_first, ex.w_second
-    row_ends = torch.stack([f, s]).index_select(1, rows)
-    return RowPlan(point_class, rows, row_ends, point_class.index_select(0, rows), (row_ends * m)[..., None],
-                   torch.stack([f, s]), torch.stack([wf, ws]), torch.stack([f * b + f, f * b + s, s * b + s]),
+    f, s = ex.first.cpu().numpy(), ex.second.cpu().numpy()
+    point_class = layout.classes.cpu().numpy()[f]
+    largest = int(np.argmax(layout.class_sizes.cpu().numpy())) if layout.num_classes else 0  # the first largest
+    rows = np.nonzero(point_class != largest)[0]
+    row_ends = np.stack([f[rows], s[rows]])
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    wf, ws = ex.w_first, ex.w_second
+    return RowPlan(t(point_class), t(rows), t(row_ends), t(point_class[rows]), t(row_ends[..., None] * m),
+                   t(np.stack([f, s])), torch.stack([wf, ws]), t(np.stack([f * b + f, f * b + s, s * b + s])),
                    torch.stack([wf * wf, 2 * wf * ws, ws * ws]), largest)
 
 
