@@ -44,10 +44,12 @@ __all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "hardest_negative_p
 # on random40 / zipf60 batches rose to 1.3x / 2.4x plain MS (RSS growth), at no measurable gain in time
 _ROW_CHUNK_ENTRIES = 1 << 16
 # The row search is chosen for unequal classes up to this many stage-1 entries (R·M). Measured on
-# CPU (B = 128, d = 512, one thread; ``python -m benchmarks.perf_ee --paths`` times the three
-# searches, each building its per-pattern structures as a new label pattern does), rows vs
-# grouped: random40 n=2 253k entries 3.3 vs 3.8 ms, zipf60 n=2 662k 4.2 vs 4.5, random40 n=4
-# 777k 4.1 vs 4.3, random100 n=8 660k 5.2 vs 5.1, random40 n=8 2.7M 7.3 vs 5.6.
+# CPU (B = 128, d = 512, one thread; ``python -m benchmarks.perf_ee --paths``, which times the three
+# searches, each building its per-pattern structures as a new label pattern does;
+# docs/results/perf_ee_paths.txt), rows vs grouped: random40 n=2 253k entries 4.0 vs 4.8 ms, zipf60
+# n=2 662k 5.3 vs 6.4, random40 n=4 777k 4.9 vs 5.5, random100 n=8 660k 6.1 vs 6.2, zipf60 n=4 2.3M
+# 7.9 vs 8.5, random40 n=8 2.7M 8.8 vs 7.9. Between 0.8M and 2.7M entries it depends on the classes'
+# sizes; the grouped search keeps that range.
 _ROWS_MAX_ENTRIES = 800_000
 
 
