@@ -41,7 +41,7 @@ def segment_best(values: torch.Tensor, segment: torch.Tensor, num_segments: int,
     m, r = values.shape
     index = segment[:, None].expand(m, r)
     best = values.new_full((num_segments, r), worst).scatter_reduce_(0, index, values, "amax" if inverted else "amin")
-    exact = torch.float32 if m < 1 << 24 else torch.float64  # row numbers held exactly
+    exact = torch.float32 if m < 1 << 23 else torch.float64  # row numbers up to 2M held exactly
     miss = torch.ne(values, best.index_select(0, segment)).to(exact)
     first = torch.arange(m, dtype=exact, device=values.device)[:, None].add(miss, alpha=m)
     arg = miss.new_full((num_segments, r), 2 * m).scatter_reduce_(0, index, first, "amin")
