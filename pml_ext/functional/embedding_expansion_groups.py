@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, _sq_norms, take, take_columns
-from .embedding_expansion_pairs import search_values, selected_pair_values, synthetic_scale
+from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, _sq_norms, take
+from .embedding_expansion_pairs import point_pair_values, search_values, synthetic_scale
 from .primitives import segment_best
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
@@ -321,14 +321,9 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             self_value = transform(sq_first, lambda: sq_first, lambda: sq_first)
             best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
-        idx = torch.stack([rows, cols])  # [2, C, C] positions of the row and the column point
-        ends = take_columns(grouped.endpoints, idx).transpose(0, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
-        wsel = take_columns(torch.stack([wf, ws]), idx).transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
-        sqn = take(sq, idx)
-        syn = take(grouped.synthetic, idx) if normalizing else torch.zeros_like(idx, dtype=torch.bool)
-        same = rows == cols
-        rows, cols = take(order, rows), take(order, cols)
-    hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], same, kind, distance.power)
-    return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
+    # the pairs' values from their positions; the pairs as expanded-set indices
+    hardest = point_pair_values(gram, rows, cols, grouped.endpoints, torch.stack([wf, ws]), sq,
+                                grouped.synthetic if normalizing else None, rows == cols, kind, distance.power)
+    return HardestPairs(hardest, take(order, rows), take(order, cols), best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))
 

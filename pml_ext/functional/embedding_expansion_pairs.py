@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .primitives import safe_sqrt, take
+from .primitives import safe_sqrt, take, take_columns
 
 __all__: list = []  # internal to the searches
 
@@ -106,3 +106,18 @@ class _SelectedPairs(torch.autograd.Function):
 def selected_pair_values(gram, ends, wn, sqn_r, sqn_c, syn_r, syn_c, same, kind: str, power) -> torch.Tensor:
     """Differentiable (through ``gram``) values of the selected pairs: :class:`_SelectedPairs`."""
     return _SelectedPairs.apply(gram, ends, wn, sqn_r, sqn_c, syn_r, syn_c, same, kind == "euclidean", power)
+
+
+def point_pair_values(gram, rows, cols, endpoints, weights, sq, synthetic, same, kind: str, power) -> torch.Tensor:
+    """:func:`selected_pair_values` of the pairs (``rows[x, y]``, ``cols[x, y]``) of points
+    given as one list: ``endpoints`` [2, M] every point's two originals, ``weights`` [2, M] their
+    weights with EE Eq. 2's scale, ``sq`` [M] their squared norms after it, ``synthetic`` [M] the
+    points whose scale depends on the Gram matrix (None: none does); ``same`` marks pairs of one
+    point. The grouped and the row search list their points this way."""
+    shape = rows.shape
+    idx = torch.stack([rows, cols])
+    ends = take_columns(endpoints, idx).transpose(0, 1).reshape(4, *shape)  # [r1, r2, c1, c2]
+    wn = take_columns(weights, idx).transpose(0, 1).reshape(4, *shape)
+    sqn = take(sq, idx)
+    syn = torch.zeros_like(idx, dtype=torch.bool) if synthetic is None else take(synthetic, idx)
+    return selected_pair_values(gram, ends, wn, sqn[0], sqn[1], syn[0], syn[1], same, kind, power)

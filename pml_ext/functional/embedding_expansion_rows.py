@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from . import embedding_expansion as _ee
-from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, take, take_columns
-from .embedding_expansion_pairs import search_values, selected_pair_values, synthetic_scale
+from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, take
+from .embedding_expansion_pairs import point_pair_values, search_values, synthetic_scale
 from .primitives import segment_best
 
 __all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "hardest_negative_pairs_in_rows"]
@@ -163,12 +163,8 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
         sq_first = take(sq, first)
         best.diagonal().copy_(transform(sq_first, lambda: sq_first, lambda: sq_first))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
-        idx = torch.stack([rows, cols])  # [2, C, C] expanded-set indices of the row and the column point
-        ends = take_columns(plan.endpoints, idx).transpose(0, 1).reshape(4, c, c)  # [r1, r2, c1, c2]
-        wsel = take_columns(w, idx).transpose(0, 1).reshape(4, c, c)  # with EE Eq. 2's scale
-        sqn = take(sq, idx)
-        syn = take(ex.is_synthetic, idx) if normalizing else torch.zeros_like(idx, dtype=torch.bool)
-    hardest = selected_pair_values(gram, ends, wsel, sqn[0], sqn[1], syn[0], syn[1], eye, kind, distance.power)
+    hardest = point_pair_values(gram, rows, cols, plan.endpoints, w, sq, ex.is_synthetic if normalizing else None,
+                                eye, kind, distance.power)
     return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))
 
