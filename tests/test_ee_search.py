@@ -364,6 +364,59 @@ def test_numpy_layout_equals_the_direct_construction(pairs, n, dtype):
             assert u.dtype == v.dtype and torch.equal(u, v), name
 
 
+def test_first_appearance_numbering_matches_a_loop():
+    """Classes numbered in order of first appearance, and each class's first position (NumPy, one
+    stable sort), for any label values."""
+    from pml_ext.functional.embedding_expansion_layouts import _first_appearance_numpy
+
+    g = torch.Generator().manual_seed(21)
+    for trial in range(30):
+        b = int(torch.randint(1, 60, (1,), generator=g))
+        labels = torch.randint(-5, int(torch.randint(1, 30, (1,), generator=g)), (b,), generator=g)
+        ids, want = {}, []
+        for v in labels.tolist():
+            want.append(ids.setdefault(v, len(ids)))
+        classes, c = F.first_appearance_classes(labels)
+        assert classes.dtype == torch.long and classes.tolist() == want and c == len(ids)
+        _, first = _first_appearance_numpy(labels.numpy())
+        assert first.tolist() == [want.index(k) for k in range(c)]
+
+
+@pytest.mark.parametrize("n", [0, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_plan_from_numpy_arrays_equals_the_plan_from_tensors(n, dtype):
+    """The row plan of a NumPy-built layout (from the arrays it keeps) equals the plan built from the
+    layout's tensors, field by field."""
+    from pml_ext.functional.embedding_expansion_layouts import numpy_layout
+    from pml_ext.functional.embedding_expansion_rows import _build_plan
+
+    g = torch.Generator().manual_seed(22 + n)
+    for trial in range(10):
+        classes, num = F.first_appearance_classes(torch.randint(0, 9, (40,), generator=g))
+        got = _build_plan(numpy_layout(classes, num, n, "all", dtype))
+        want = _build_plan(F.BatchLayout(classes, num, F.expand(classes, n, "all", dtype)))
+        for name, u, v in zip(got._fields, got, want):
+            assert (u == v) if isinstance(u, int) else (u.dtype == v.dtype and torch.equal(u, v)), name
+
+
+def test_a_new_pattern_keeps_its_large_structures_only_once_it_recurs():
+    """Random batches bring a new label pattern every step: the per-pattern tuple lists
+    (Contrastive's pairs, Triplet's triplets) and the row plan are not kept in the layout cache
+    until the pattern comes back, so the cache does not fill with lists never read again."""
+    g = torch.Generator().manual_seed(23)
+    x, y = torch.randn(48, 8, generator=g), torch.randint(0, 12, (48,), generator=g)
+    E._LAYOUT_CACHE.clear()
+    for loss, name in ((losses.ContrastiveLoss(), "all_pairs"), (losses.TripletMarginLoss(), "triplet")):
+        ee = EmbeddingExpansionLoss(loss)
+        first = ee(x, y)
+        layout = F.batch_layout(y)  # the cached layout; this call counts as a use
+        assert name not in layout._extras and "rows" not in layout._extras
+        second = ee(x, y + 100)  # the same pattern, other class ids
+        assert name in layout._extras and "rows" in layout._extras
+        assert torch.equal(first, second)
+        E._LAYOUT_CACHE.clear()
+
+
 def test_batch_layout_builds_new_unbalanced_patterns_with_numpy_for_float32_and_float64(monkeypatch):
     import pml_ext.functional.embedding_expansion_layouts as Lay
 
@@ -382,8 +435,8 @@ def test_batch_layout_builds_new_unbalanced_patterns_with_numpy_for_float32_and_
 @pytest.mark.parametrize("inverted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_segment_best_matches_loops_with_ties_and_empty_segments(inverted, dtype):
-    """The best over each segment's rows and the first row attaining it (many exact ties; segment 3
-    is empty: worst value, row clamped to M-1)."""
+    """The best over each segment's rows and the first row attaining it (many exact ties, infinite
+    ties too; segment 3 is empty: worst value, row clamped to M-1)."""
     from pml_ext.functional.primitives import segment_best
 
     g = torch.Generator().manual_seed(11)
@@ -392,6 +445,10 @@ def test_segment_best_matches_loops_with_ties_and_empty_segments(inverted, dtype
     segment = torch.randint(0, s, (m,), generator=g)
     segment[segment == 3] = 4
     worst = float("-inf") if inverted else float("inf")
+    # infinite values, tied with each other: the best (column 2) and the worst (column 5, segment 1),
+    # whose gap to the best is inf - inf = NaN in the float arithmetic that finds the first row
+    values[::17, 2] = -worst
+    values[segment == 1, 5] = worst
     best, arg = segment_best(values, segment, s, inverted, worst)
     for k in range(s):
         for col in range(r):

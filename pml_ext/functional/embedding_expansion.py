@@ -62,6 +62,11 @@ class ExpandedSet(NamedTuple):
     is_synthetic: torch.Tensor  # [M] bool
     num_originals: int
 
+    @property
+    def has_synthetic(self) -> bool:
+        """Whether there is any synthetic point (they follow the originals: no tensor operation)."""
+        return self.first.numel() > self.num_originals
+
 
 def class_indices(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Unique labels and each sample's class index into them (0..C-1)."""
@@ -157,7 +162,7 @@ def _point_weights(gram: torch.Tensor, ex: ExpandedSet, normalize: bool) -> Tupl
     """Weights of each expanded point's two endpoints, with EE Eq. 2's 1/‖x̄‖ folded in."""
     f, s = ex.first, ex.second
     wf, ws = ex.w_first.to(gram.dtype), ex.w_second.to(gram.dtype)
-    if normalize and bool(ex.is_synthetic.any()):
+    if normalize and ex.has_synthetic:
         inv = _safe_inverse(safe_sqrt(_sq_norms(gram, f, s, wf, ws)))
         scale = torch.where(ex.is_synthetic, inv, torch.ones_like(inv))
         wf, ws = wf * scale, ws * scale
@@ -181,7 +186,7 @@ def expanded_embeddings(x: torch.Tensor, ex: ExpandedSet, normalize: bool) -> to
     wf = ex.w_first.to(x.dtype)[:, None]
     ws = ex.w_second.to(x.dtype)[:, None]
     points = wf * x[ex.first] + ws * x[ex.second]
-    if normalize and bool(ex.is_synthetic.any()):
+    if normalize and ex.has_synthetic:
         inv = _safe_inverse(safe_sqrt((points * points).sum(dim=1, keepdim=True)))
         points = torch.where(ex.is_synthetic[:, None], points * inv, points)
     return points

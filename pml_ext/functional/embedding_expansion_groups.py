@@ -205,7 +205,7 @@ def _build_groups(layout) -> ClassGroups:
     return ClassGroups(t(order), t(classes[first]), t(first), t(second), tw(w_first), tw(w_second),
                        t(ex.is_synthetic.cpu().numpy()[order]), t(alone), t(direct),
                        t(group[:, None] < group[None, :]), t(start[rank]), t(np.stack([first, second])),
-                       tw(np.stack([w_first, w_second])), bool(ex.is_synthetic.any()), groups)
+                       tw(np.stack([w_first, w_second])), ex.has_synthetic, groups)
 
 
 def use_groups(layout) -> bool:

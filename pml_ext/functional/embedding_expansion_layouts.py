@@ -51,6 +51,7 @@ class BatchLayout:
         # points of each class's expanded set, K_c: what the search's cost follows
         self.class_sizes = torch.bincount(classes[ex.first], minlength=c)
         self._extras: dict = {}
+        self.uses = 0  # batches that got this layout from batch_layout (see extra)
 
     # built on first use (a new label pattern every step pays only for what its loss and search read)
     _LAZY = {
@@ -107,11 +108,17 @@ class BatchLayout:
         self.row_base = (torch.arange(c, device=device) * kk)[:, None]
         self.col_base = (torch.arange(c, device=device) * kk)[None, :]
 
-    def extra(self, name: str, build):
-        """A per-layout cache for structures the losses derive from the label pattern."""
-        if name not in self._extras:
-            self._extras[name] = build(self)
-        return self._extras[name]
+    def extra(self, name: str, build, keep: bool = True):
+        """A per-layout cache for structures the losses derive from the label pattern. ``keep=False``
+        for structures as large as the batch's pairs or tuples: they are cached only once the label
+        pattern has recurred (:attr:`uses` > 1). A new pattern every step (random batches) would
+        otherwise fill the layout cache with structures that are never read again."""
+        if name in self._extras:
+            return self._extras[name]
+        value = build(self)
+        if keep or self.uses > 1:
+            self._extras[name] = value
+        return value
 
 
 _LAYOUT_CACHE: "OrderedDict[tuple, BatchLayout]" = OrderedDict()
@@ -129,11 +136,8 @@ def _first_positions(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
 def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """Class index of every sample, classes numbered in order of first appearance."""
     if labels.device.type == "cpu" and labels.numel():
-        # a handful of NumPy calls on B integers (a new label pattern pays this every step)
-        _, first, inverse = np.unique(labels.numpy(), return_index=True, return_inverse=True)
-        rank = np.empty_like(first)
-        rank[np.argsort(first, kind="stable")] = np.arange(first.size)
-        return torch.from_numpy(rank[inverse.reshape(-1)]), int(first.size)
+        cls, first = _first_appearance_numpy(labels.numpy())
+        return torch.from_numpy(cls), first.size
     _, inverse = torch.unique(labels, return_inverse=True)
     c = int(inverse.max()) + 1 if labels.numel() else 0
     first = _first_positions(inverse, c)
@@ -142,14 +146,32 @@ def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return rank[inverse], c
 
 
-def _same_pattern(layout: BatchLayout, labels: torch.Tensor) -> bool:
+def _first_appearance_numpy(lab: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(class of every sample, numbered by first appearance; each class's first position) of
+    non-empty labels, by one stable sort (a new label pattern pays this every step)."""
+    b = lab.size
+    order = np.argsort(lab, kind="stable")
+    sorted_lab = lab[order]
+    new = np.empty(b, dtype=bool)
+    new[0] = True
+    np.not_equal(sorted_lab[1:], sorted_lab[:-1], out=new[1:])
+    starts = np.flatnonzero(new)  # each label's block in the sorted order
+    by_appearance = np.argsort(order[starts])  # blocks by their first sample's position
+    rank = np.empty(starts.size, dtype=np.int64)
+    rank[by_appearance] = np.arange(starts.size)
+    cls = np.empty(b, dtype=np.int64)
+    cls[order] = rank[np.cumsum(new) - 1]
+    return cls, order[starts[by_appearance]]
+
+
+def _same_pattern(layout: BatchLayout, labels: torch.Tensor, lab: Optional[np.ndarray]) -> bool:
     """Whether ``labels`` has the label pattern of ``layout`` (same classes, any class ids): every
-    sample carries its class's first sample's label, and different classes different labels."""
+    sample carries its class's first sample's label, and different classes different labels.
+    ``lab``: the labels as a NumPy array (CPU), else None."""
     if layout.classes.numel() != labels.numel() or labels.numel() == 0:
         return False
-    if labels.device.type == "cpu":  # a few NumPy calls on B integers
+    if lab is not None:  # a few NumPy calls on B integers
         first, classes = layout.extra("numpy_pattern", lambda lay: (lay.first_index.numpy(), lay.classes.numpy()))
-        lab = labels.numpy()
         ids = lab[first]
         return bool(np.array_equal(ids[classes], lab)) and np.unique(ids).size == ids.size
     ids = labels[layout.first_index]  # [C] each class's label
@@ -162,22 +184,36 @@ def _same_pattern(layout: BatchLayout, labels: torch.Tensor) -> bool:
 def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
                  dtype: torch.dtype = torch.float32) -> BatchLayout:
     """The :class:`BatchLayout` of a batch's labels, cached by label pattern (LRU, 8 entries)."""
+    lab = labels.numpy() if labels.device.type == "cpu" and labels.numel() else None
     if _LAYOUT_CACHE:  # the most recent pattern first: a sampler repeats one pattern every batch
         key, layout = next(reversed(_LAYOUT_CACHE.items()))
-        if key[1:] == (n_points, pairs, str(labels.device), dtype) and _same_pattern(layout, labels):
+        if key[1:] == (n_points, pairs, str(labels.device), dtype) and _same_pattern(layout, labels, lab):
+            layout.uses += 1
             return layout
-    classes, c = first_appearance_classes(labels)
-    key = (classes.cpu().numpy().tobytes(), n_points, pairs, str(labels.device), dtype)
+    if lab is None:
+        classes, c = first_appearance_classes(labels)
+        cls = first = None
+    else:  # NumPy from here on: a new label pattern (every step for random batches) pays this
+        cls, first = _first_appearance_numpy(lab)
+        classes, c = torch.from_numpy(cls), first.size
+    key = ((cls if cls is not None else classes.cpu().numpy()).tobytes(), n_points, pairs, str(labels.device), dtype)
 
     def build() -> BatchLayout:
-        layout = balanced_layout(classes, c, n_points, pairs, dtype)  # a balanced batch in any order
-        if layout is not None:
-            return layout
-        if classes.device.type == "cpu" and dtype in _NUMPY_DTYPES:
-            return numpy_layout(classes, c, n_points, pairs, dtype)
-        return BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
+        layout = None
+        if cls is None or np.ptp(np.bincount(cls)) == 0:  # NumPy tells an unbalanced batch at once
+            layout = balanced_layout(classes, c, n_points, pairs, dtype)  # a balanced batch in any order
+        if layout is None:
+            if classes.device.type == "cpu" and dtype in _NUMPY_DTYPES:
+                layout = numpy_layout(classes, c, n_points, pairs, dtype)
+            else:
+                layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))
+        if first is not None:  # what _same_pattern reads next step
+            layout._extras["numpy_pattern"] = (first, cls)
+        return layout
 
-    return _lru_get(_LAYOUT_CACHE, key, _LAYOUT_CACHE_SIZE, build)
+    layout = _lru_get(_LAYOUT_CACHE, key, _LAYOUT_CACHE_SIZE, build)
+    layout.uses += 1
+    return layout
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -210,22 +246,28 @@ def numpy_layout(classes: torch.Tensor, c: int, n_points: int, pairs: str, dtype
         pi, pj = order[starts_of_pairs], order[starts_of_pairs + 1]
     np_dtype = _NUMPY_DTYPES[dtype]
     w = np.arange(1, n_points + 1, dtype=np_dtype) / np_dtype(n_points + 1)  # EE Eq. 1, as expansion_weights
-    w_i = np.tile(w, pi.size)
-    si, sj = np.repeat(pi, n_points), np.repeat(pj, n_points)
-    arange = np.arange(b, dtype=np.int64)
-    first, second = np.concatenate([arange, si]), np.concatenate([arange, sj])
+    m = b + pi.size * n_points
+    first, second = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+    first[:b] = second[:b] = np.arange(b)
+    w_first = np.ones(m, dtype=np_dtype)
+    if n_points:  # pair-major, k-minor
+        first[b:].reshape(-1, n_points)[:] = pi[:, None]
+        second[b:].reshape(-1, n_points)[:] = pj[:, None]
+        w_first[b:].reshape(-1, n_points)[:] = w
+    w_second = 1 - w_first
+    point_class = cls[first]
     t = torch.from_numpy
-    ex = ExpandedSet(t(first), t(second), t(np.concatenate([np.ones(b, np_dtype), w_i])),
-                     t(np.concatenate([np.zeros(b, np_dtype), 1 - w_i])), t(cls[first]),
-                     t(np.arange(first.size) >= b), b)
+    ex = ExpandedSet(t(first), t(second), t(w_first), t(w_second), t(point_class), t(np.arange(m) >= b), b)
     negative = cls[:, None] != cls[None, :]
     positive = ~negative
     np.fill_diagonal(positive, False)
     layout = BatchLayout.__new__(BatchLayout)
-    layout.__dict__.update(classes=classes, num_classes=c, expanded=ex, _extras={},
+    class_sizes = np.bincount(point_class, minlength=c)
+    # the NumPy arrays the row search's plan starts from (embedding_expansion_rows)
+    extras = {"numpy": (first, second, w_first, w_second, point_class, class_sizes)}
+    layout.__dict__.update(classes=classes, num_classes=c, expanded=ex, _extras=extras, uses=0,
                            first_index=t(order[starts] if b else np.zeros(c, dtype=np.int64)),
-                           _original_slots=t(original_slots),
-                           class_sizes=t(np.bincount(cls[first], minlength=c)),
+                           _original_slots=t(original_slots), class_sizes=t(class_sizes),
                            # the [B, B] masks most losses read, here rather than lazily by tensor operations
                            negative=t(negative), positive=t(positive), pair_index=t(cls[:, None] * c + cls[None, :]),
                            class_eye=t(np.eye(c, dtype=bool)))
@@ -292,7 +334,7 @@ def balanced_layout(classes: torch.Tensor, c: int, n_points: int, pairs: str, dt
     ex = ExpandedSet(first, second, ex0.w_first[phi], ex0.w_second[phi], classes[first], ex0.is_synthetic, b)
     layout = BatchLayout.__new__(BatchLayout)
     layout.__dict__.update(
-        classes=classes, num_classes=c, expanded=ex,
+        classes=classes, num_classes=c, expanded=ex, uses=0,
         _extras={"block_index": perm[:, None] * b + perm[None, :]},  # the Gram matrix in class blocks
         first_index=perm.view(c, k)[:, 0], _original_slots=perm.view(c, k), class_sizes=canon.class_sizes,
         slots=psi[canon.slots], weights=canon.weights, valid_slot=canon.valid_slot,

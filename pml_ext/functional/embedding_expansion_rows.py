@@ -70,7 +70,7 @@ class RowPlan(NamedTuple):
 
 def row_plan(layout) -> RowPlan:
     """The :class:`RowPlan` of a :class:`~pml_ext.functional.BatchLayout` (cached on it)."""
-    return layout.extra("rows", _build_plan)
+    return layout.extra("rows", _build_plan, keep=False)
 
 
 def row_entries(layout) -> int:
@@ -93,23 +93,31 @@ def use_rows(layout) -> bool:
 
 def _build_plan(layout) -> RowPlan:
     """The plan's index lists with NumPy (a few hundred integers, paid once per label pattern: every
-    step for random batches, where each tensor operation's fixed cost would dominate); the
-    weights with tensor operations, in the layout's dtype."""
+    step for random batches, where each tensor operation's fixed cost would dominate), from the
+    NumPy arrays a layout built with NumPy keeps; the weights in the layout's dtype."""
     ex, device = layout.expanded, layout.classes.device
     b, m = ex.num_originals, ex.labels.numel()
-    f, s = ex.first.cpu().numpy(), ex.second.cpu().numpy()
-    point_class = layout.classes.cpu().numpy()[f]
-    largest = int(np.argmax(layout.class_sizes.cpu().numpy())) if layout.num_classes else 0  # the first largest
-    rows = np.nonzero(point_class != largest)[0]
+    arrays = layout._extras.get("numpy")  # numpy_layout's
+    if arrays is not None:
+        f, s, wf, ws, point_class, sizes = arrays
+    else:
+        f, s = ex.first.cpu().numpy(), ex.second.cpu().numpy()
+        point_class, sizes = layout.classes.cpu().numpy()[f], layout.class_sizes.cpu().numpy()
+    largest = int(np.argmax(sizes)) if layout.num_classes else 0  # the first largest
+    rows = np.flatnonzero(point_class != largest)
     row_ends = np.stack([f[rows], s[rows]])
 
     def t(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        return torch.from_numpy(a).to(device)
 
-    wf, ws = ex.w_first, ex.w_second
+    if arrays is not None:  # float32 or float64: NumPy too
+        weights, norm_weights = t(np.stack([wf, ws])), t(np.stack([wf * wf, 2 * wf * ws, ws * ws]))
+    else:  # any dtype (bfloat16 has no NumPy type)
+        wf, ws = ex.w_first, ex.w_second
+        weights, norm_weights = torch.stack([wf, ws]), torch.stack([wf * wf, 2 * wf * ws, ws * ws])
     return RowPlan(t(point_class), t(rows), t(row_ends), t(point_class[rows]), t(row_ends[..., None] * m),
-                   t(np.stack([f, s])), torch.stack([wf, ws]), t(np.stack([f * b + f, f * b + s, s * b + s])),
-                   torch.stack([wf * wf, 2 * wf * ws, ws * ws]), largest)
+                   t(np.stack([f, s])), weights, t(np.stack([f * b + f, f * b + s, s * b + s])), norm_weights,
+                   largest)
 
 
 def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, kind: str,
@@ -121,7 +129,7 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
     m = ex.labels.numel()
     plan = row_plan(layout)
     gram = _ee.normalized_gram(embeddings, distance)
-    normalizing = normalize and bool(ex.is_synthetic.any())
+    normalizing = normalize and ex.has_synthetic
     with torch.no_grad():
         gd = gram.detach()
         f, s = plan.endpoints
@@ -148,7 +156,10 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
                           lambda: sqr[lo:hi, None], lambda: sq)
             best_cp.scatter_reduce_(0, row_class[lo:hi, None].expand_as(v), v, "amax" if inverted else "amin")
         # stage 2: [x, y] the best over y's points, and the first point attaining it
-        best, cols = (t.t() for t in segment_best(best_cp.t().contiguous(), plan.point_class, c, inverted, worst))
+        best_pc = best_cp.t().contiguous()
+        del best_cp  # peak memory: one [C, M] table at a time
+        best, cols = (t.t() for t in segment_best(best_pc, plan.point_class, c, inverted, worst))
+        del best_pc
         # stage 3: every row point against the point chosen for its class and each y: the first best one
         target = cols.index_select(0, row_class)  # [R, C]
         ends_rc = take(gt, plan.row_offsets + target)  # [2, R, C] the row points' originals against the targets

@@ -35,16 +35,20 @@ def segment_best(values: torch.Tensor, segment: torch.Tensor, num_segments: int,
     """Best of ``values`` [M, R] over the rows of each segment (``segment`` [M] in 0..S-1), [S, R],
     and the first row attaining it. Two scatter reductions along rows with a stride-0 index (the
     fast path of CPU scatter; along columns, or with a materialised index, it is several times
-    slower), and the first row found with float arithmetic: row j where the value is the best,
-    j + M elsewhere, then a minimum (comparisons and int64 operations cost several times more on
-    CPU). Pass ``values`` contiguous: a transposed view is read several times slower."""
+    slower), and the first row found with float arithmetic in one buffer: the gap to the segment's
+    best (≥ 0) through ``sign`` is 0 where the value is the best and 1 elsewhere (an equal pair of
+    infinities, whose gap is NaN, counts as the best), so row j gets j or j + M, then a minimum.
+    On CPU a comparison to bool and its conversion to float cost ~5x these float operations; an
+    int64 operation costs more still. Pass ``values`` contiguous: a transposed view is read
+    several times slower."""
     m, r = values.shape
     index = segment[:, None].expand(m, r)
     best = values.new_full((num_segments, r), worst).scatter_reduce_(0, index, values, "amax" if inverted else "amin")
     exact = torch.float32 if m < 1 << 23 else torch.float64  # row numbers up to 2M held exactly
-    miss = torch.ne(values, best.index_select(0, segment)).to(exact)
-    first = torch.arange(m, dtype=exact, device=values.device)[:, None].add(miss, alpha=m)
-    arg = miss.new_full((num_segments, r), 2 * m).scatter_reduce_(0, index, first, "amin")
+    gap = best.index_select(0, segment)
+    gap = gap.sub_(values) if inverted else torch.sub(values, gap, out=gap)
+    first = gap.sign_().nan_to_num_(0.0).to(exact).mul_(m).add_(torch.arange(m, dtype=exact, device=values.device)[:, None])
+    arg = first.new_full((num_segments, r), 2 * m).scatter_reduce_(0, index, first, "amin")
     return best, arg.long().clamp_(max=max(m - 1, 0))
 
 

@@ -96,7 +96,7 @@ class _TwoGathers(torch.autograd.Function):
 
 def _dense_triplet(loss, hb: HardenedBatch, labels):
     """TripletMarginLoss over all (a, p, n): [B, P, B] with P = most positives of an anchor."""
-    structure = hb.layout.extra("triplet", _triplet_structure)
+    structure = hb.layout.extra("triplet", _triplet_structure, keep=False)
     if structure is None:
         return loss.zero_losses()
     pos_idx, valid, indices, flat = structure
@@ -120,7 +120,7 @@ def _pair_structure(layout: F.BatchLayout):
 def _dense_lifted(loss, hb: HardenedBatch, labels):
     """LiftedStructureLoss: the log-sum-exp over the negatives of a and of p is
     logaddexp(E_a, E_p) with E_i the log-sum-exp over i's own negatives."""
-    pairs = hb.layout.extra("pairs", _pair_structure)
+    pairs = hb.layout.extra("pairs", _pair_structure, keep=False)
     if pairs is None:
         return loss.zero_losses()
     a, p = pairs
@@ -147,7 +147,7 @@ def _all_pairs_structure(layout: F.BatchLayout):
 def _dense_contrastive(loss, hb: HardenedBatch, labels):
     """ContrastiveLoss over all pairs: a positive pair's value from the batch's own matrix, a
     negative pair's from its class pair's hardest value, without the [B, B] hardened matrix."""
-    pairs, pos_flat, neg_flat = hb.layout.extra("all_pairs", _all_pairs_structure)
+    pairs, pos_flat, neg_flat = hb.layout.extra("all_pairs", _all_pairs_structure, keep=False)
     if all(len(x) <= 1 for x in pairs):  # PML's GenericPairLoss returns zero losses then
         return loss.zero_losses()
     pos_loss = neg_loss = 0
