@@ -17,8 +17,12 @@ rotated every repeat). Batch compositions (B = 128):
   random batch from a long-tailed data set gives.
 
 The last four draw a fresh label pattern every repeat: the layout is built on every call.
-Peak memory (after all timing, benchmarks/memory.py) is the median of 3 calls on one batch of
-each composition.
+Peak memory (after all timing, benchmarks/memory.py) is the median of 7 calls on one batch of
+each composition, plain and EE alternated (RSS growth varies by a few hundred kB from call to call); for the fresh compositions EE's layout cache is emptied before each measured call,
+outside the measurement, so the call pays for building and keeping its layout. (Until 2026-12-02 it
+was emptied inside the measured call: freeing the previous layout offset the new one's memory, which
+understated EE's peak on fresh patterns, most for Triplet and Contrastive whose per-pattern tuple
+lists were kept.)
 """
 from __future__ import annotations
 
@@ -143,10 +147,21 @@ def time_pair(fa, fb, x, y, repeats: int, device: str):
     return tuple(time_interleaved([fa, fb], x, y, repeats, device))
 
 
-def peak_memory(f, x, y, device: str, memory: Optional[StepMemory]) -> Optional[int]:
+def peak_memory(f, x, y, device: str, memory: Optional[StepMemory], fresh: bool = False) -> Optional[int]:
     """Bytes of one forward+backward: the CUDA allocator's peak on GPU; on CPU the growth of the
-    process's peak RSS (benchmarks/memory.py)."""
+    process's peak RSS (benchmarks/memory.py). ``fresh``: EE's layout cache is emptied first,
+    outside the measurement, so that the call builds its layout and what the cache frees does not
+    offset what the call allocates (and keeps)."""
+    if fresh:
+        ee_functional._LAYOUT_CACHE.clear()
     return peak_bytes(lambda: step(f, x, y), device, memory)
+
+
+def median_peaks(fp, fe, x, y, device: str, memory: Optional[StepMemory], fresh: bool = False):
+    """Median peak memory of the plain and the EE call, measured alternately MEMORY_REPEATS times."""
+    peaks = [(peak_memory(fp, x, y, device, memory) or 0, peak_memory(fe, x, y, device, memory, fresh) or 0)
+             for _ in range(MEMORY_REPEATS)]
+    return tuple(statistics.median(v) for v in zip(*peaks))
 
 
 def main(argv=None):
@@ -199,19 +214,19 @@ def main(argv=None):
             tp, te = t[0], t[1]
             cold_cols = f"{'(fresh)':>12}{'':>12}" if fresh else f"{t[2] * 1e3:>12.2f}{t[2] / tp:>12.2f}"
             print(f"{comp:<15}{name:<24}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>10.2f}{cold_cols}", flush=True)
-            cells.append((comp, name, fp, fe if not fresh else cold(fe), y))
+            cells.append((comp, name, fp, fe, y, fresh))
     # memory last: measuring it changes how the process allocates (benchmarks/memory.py)
     memory = None if args.device.startswith("cuda") else StepMemory()
-    print("\npeak memory of one call, median of 3 (MB)")
+    print(f"\npeak memory of one call, median of {MEMORY_REPEATS} (MB)")
     print(f"{'composition':<15}{'loss':<24}{'plain MB':>10}{'EE MB':>10}{'EE/plain':>10}")
-    for comp, name, fp, fe, y in cells:
-        mp = statistics.median(peak_memory(fp, x, y, args.device, memory) or 0 for _ in range(3))
-        me = statistics.median(peak_memory(fe, x, y, args.device, memory) or 0 for _ in range(3))
+    for comp, name, fp, fe, y, fresh in cells:
+        mp, me = median_peaks(fp, fe, x, y, args.device, memory, fresh)
         print(f"{comp:<15}{name:<24}{mp / 2**20:>10.2f}{me / 2**20:>10.2f}"
               f"{me / mp if mp else float('nan'):>10.2f}", flush=True)
 
 
 BALANCED = ("32x4", "16x8", "64x2")
+MEMORY_REPEATS = 7
 
 
 def _callables(args):
@@ -291,8 +306,7 @@ def scaling(args):
     print(f"{'loss':<20}{'B':>5}{'n':>4}{'plain ms':>10}{'EE ms':>10}{'ratio':>7}"
           f"{'plain peak MB':>15}{'EE peak MB':>12}{'ratio':>7}")
     for name, b, n, plain, ee, x, y, tp, te in rows:
-        mp = statistics.median(peak_memory(plain, x, y, args.device, memory) or 0 for _ in range(3))
-        me = statistics.median(peak_memory(ee, x, y, args.device, memory) or 0 for _ in range(3))
+        mp, me = median_peaks(plain, ee, x, y, args.device, memory)
         mem = f"{mp / 2**20:>15.2f}{me / 2**20:>12.2f}{me / mp if mp else float('nan'):>7.2f}"
         print(f"{name:<20}{b:>5}{n:>4}{tp * 1e3:>10.2f}{te * 1e3:>10.2f}{te / tp:>7.2f}{mem}")
 

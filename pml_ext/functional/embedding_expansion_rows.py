@@ -60,7 +60,8 @@ class RowPlan(NamedTuple):
     rows: torch.Tensor  # [R] the points of every class but the largest (expanded-set indices)
     row_ends: torch.Tensor  # [2, R] their two originals
     row_class: torch.Tensor  # [R]
-    row_offsets: torch.Tensor  # [2, R, 1] flat offsets of their originals' rows in the [B, M] matrix G Wᵀ
+    row_offsets: torch.Tensor  # [2, R, 1] flat offsets of their originals' rows in the [B, M] matrix G Wᵀ (int32
+    # when B·M allows: stage 3's [2, R, C] index is the search's largest transient after G Wᵀ)
     endpoints: torch.Tensor  # [2, M] every point's two originals
     weights: torch.Tensor  # [2, M] their weights (EE Eq. 1)
     norm_index: torch.Tensor  # [3, M] flat Gram indices of (f, f), (f, s), (s, s) for every point's norm
@@ -115,7 +116,8 @@ def _build_plan(layout) -> RowPlan:
     else:  # any dtype (bfloat16 has no NumPy type)
         wf, ws = ex.w_first, ex.w_second
         weights, norm_weights = torch.stack([wf, ws]), torch.stack([wf * wf, 2 * wf * ws, ws * ws])
-    return RowPlan(t(point_class), t(rows), t(row_ends), t(point_class[rows]), t(row_ends[..., None] * m),
+    offsets = (row_ends[..., None] * m).astype(np.int32 if b * m < 1 << 31 else np.int64)
+    return RowPlan(t(point_class), t(rows), t(row_ends), t(point_class[rows]), t(offsets),
                    t(np.stack([f, s])), weights, t(np.stack([f * b + f, f * b + s, s * b + s])), norm_weights,
                    largest)
 
@@ -161,7 +163,7 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
         best, cols = (t.t() for t in segment_best(best_pc, plan.point_class, c, inverted, worst))
         del best_pc
         # stage 3: every row point against the point chosen for its class and each y: the first best one
-        target = cols.index_select(0, row_class)  # [R, C]
+        target = cols.to(plan.row_offsets.dtype).index_select(0, row_class)  # [R, C]
         ends_rc = take(gt, plan.row_offsets + target)  # [2, R, C] the row points' originals against the targets
         v = transform(ends_rc[0].mul_(wfr[:, None]).addcmul_(ends_rc[1], wsr[:, None]), lambda: sqr[:, None],
                       lambda: take(sq, target))
