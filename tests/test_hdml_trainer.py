@@ -264,6 +264,13 @@ def test_nonfinite_features_are_a_clear_error():
         hdml(f, torch.arange(B) % C, torch.nn.Linear(FEAT, EMB))
 
 
+@pytest.mark.parametrize("loss", [losses.TripletMarginLoss(), losses.NPairsLoss()])
+def test_empty_batch_is_a_clear_error(loss):
+    hdml = HDMLLoss(loss, embedding_size=EMB, feature_size=FEAT, num_classes=C)
+    with pytest.raises(ValueError, match="empty batch: features has 0 rows"):
+        hdml(torch.randn(0, FEAT, requires_grad=True), torch.zeros(0, dtype=torch.long), torch.nn.Linear(FEAT, EMB))
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
 def test_integer_labels_of_any_width(dtype):
     models = make_models()

@@ -64,7 +64,7 @@ def _check_batch(features, labels, embedder, use_generator: bool, classifier, nu
     if labels.shape[0] != features.shape[0]:
         raise ValueError(f"labels ({labels.shape[0]}) and features ({features.shape[0]}) differ in batch size")
     if features.shape[0] == 0:
-        raise ValueError("empty batch")
+        raise ValueError("empty batch: features has 0 rows; HDML synthesises its tuples from the batch's samples")
     if not callable(embedder):
         raise ValueError("embedder must be callable (the embedding head)")
     if use_generator:
