@@ -166,6 +166,12 @@ def test_perf_ee_times_the_three_searches():
         assert len(row) == 11 and all(float(t) > 0 for t in row[7:10])
 
 
+def test_search_crossover_times_both_searches_on_patterns_in_the_range():
+    out = _run_module("benchmarks.perf_search_crossover", "--composition", "random40", "--entries", "0", "100000000",
+                      "--patterns", "2", "--batch", "24", "--dim", "8")
+    assert "random40 n=2: 2 patterns" in out and "rows faster on" in out
+
+
 def test_perf_steps_runs_every_method_and_reports_memory():
     out = _run_module("benchmarks.perf_steps", "--config", "quick", "--losses", "triplet", "--repeats", "2",
                       "--warmup", "0", "--memory-repeats", "1", "--device", "cpu")

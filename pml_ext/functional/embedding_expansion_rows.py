@@ -22,7 +22,7 @@ on CPU this is the cheapest search for the small unequal classes of random and l
 batches. Its cost is R·M entries at about four memory passes each; the grouped search
 (:mod:`~pml_ext.functional.embedding_expansion_groups`) computes each class pair once with
 batched products over the classes' originals, which is cheaper when classes have many points
-(n ≥ 4, or many samples per class); :func:`~pml_ext.functional.use_groups` and
+(n = 8 on classes of similar size); :func:`~pml_ext.functional.use_groups` and
 :func:`use_rows` choose. The gradient flows only through the C² selected pairs
 (:func:`~pml_ext.functional.embedding_expansion_pairs.selected_pair_values`).
 """
@@ -44,13 +44,15 @@ __all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "hardest_negative_p
 # on random40 / zipf60 batches rose to 1.3x / 2.4x plain MS (RSS growth), at no measurable gain in time
 _ROW_CHUNK_ENTRIES = 1 << 16
 # The row search is chosen for unequal classes up to this many stage-1 entries (R·M). Measured on
-# CPU (B = 128, d = 512, one thread; ``python -m benchmarks.perf_ee --paths``, which times the three
-# searches, each building its per-pattern structures as a new label pattern does;
-# docs/results/perf_ee_paths.txt), rows vs grouped: random40 n=2 253k entries 4.0 vs 4.8 ms, zipf60
-# n=2 662k 5.3 vs 6.4, random40 n=4 777k 4.9 vs 5.5, random100 n=8 660k 6.1 vs 6.2, zipf60 n=4 2.3M
-# 7.9 vs 8.5, random40 n=8 2.7M 8.8 vs 7.9. Between 0.8M and 2.7M entries it depends on the classes'
-# sizes; the grouped search keeps that range.
-_ROWS_MAX_ENTRIES = 800_000
+# CPU (B = 128, d = 512, one thread): MS + miner with each search forced on 40 new label patterns
+# per range, in random order (``python -m benchmarks.perf_search_crossover``,
+# docs/results/perf_search_crossover.txt; medians, rows vs grouped): zipf60 n=2 0.8-1.9M entries 8.3
+# vs 9.4 ms (rows faster on 39 of 40), zipf60 n=4 1.4-2.0M 10.4 vs 11.1, 2.0-3.5M 12.2 vs 12.8 (29 of
+# 40), random40 n=4 0.8-1.0M 7.8 vs 8.1, random40 n=8 2.0-3.7M 11.5 vs 10.5 (2 of 40). With many
+# points per class pair on classes of similar size (n = 8) the grouped search's batched products
+# over each class's originals cost less per entry; on long-tailed batches the row search skips the
+# one large class. 2M keeps random40 n=8 grouped and sends zipf60 n=4 beyond it there too (~4% slower).
+_ROWS_MAX_ENTRIES = 2_000_000
 
 
 class RowPlan(NamedTuple):
