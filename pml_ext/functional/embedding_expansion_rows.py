@@ -158,6 +158,8 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
             v = gt.index_select(0, fr[lo:hi]).mul_(wfr[lo:hi, None])
             v = transform(v.addcmul_(gt.index_select(0, sr[lo:hi]), wsr[lo:hi, None]),
                           lambda: sqr[lo:hi, None], lambda: sq)
+            # self as wide as src: torch 2.14.1's CPU fast path for an expanded index writes wrong
+            # entries when self is wider (checked 2026-12-02 against a loop; a materialised index is right)
             best_cp.scatter_reduce_(0, row_class[lo:hi, None].expand_as(v), v, "amax" if inverted else "amin")
         # stage 2: [x, y] the best over y's points, and the first point attaining it
         best_pc = best_cp.t().contiguous()
