@@ -193,10 +193,12 @@ def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
     if lab is None:
         classes, c = first_appearance_classes(labels)
         cls = first = None
+        pattern = classes.cpu().numpy().tobytes()
     else:  # NumPy from here on: a new label pattern (every step for random batches) pays this
         cls, first = _first_appearance_numpy(lab)
         classes, c = torch.from_numpy(cls), first.size
-    key = ((cls if cls is not None else classes.cpu().numpy()).tobytes(), n_points, pairs, str(labels.device), dtype)
+        pattern = cls.tobytes()
+    key = (pattern, n_points, pairs, str(labels.device), dtype)
 
     def build() -> BatchLayout:
         layout = None

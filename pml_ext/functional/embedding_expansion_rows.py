@@ -62,8 +62,9 @@ class RowPlan(NamedTuple):
     rows: torch.Tensor  # [R] the points of every class but the largest (expanded-set indices)
     row_ends: torch.Tensor  # [2, R] their two originals
     row_class: torch.Tensor  # [R]
-    row_offsets: torch.Tensor  # [2, R, 1] flat offsets of their originals' rows in the [B, M] matrix G Wᵀ (int32
-    # when B·M allows: stage 3's [2, R, C] index is the search's largest transient after G Wᵀ)
+    # [2, R, 1] flat offsets of their originals' rows in the [B, M] matrix G Wᵀ, int32 when B·M allows
+    # (stage 3's [2, R, C] index from them is the search's largest transient after G Wᵀ)
+    row_offsets: torch.Tensor
     endpoints: torch.Tensor  # [2, M] every point's two originals
     weights: torch.Tensor  # [2, M] their weights (EE Eq. 1)
     norm_index: torch.Tensor  # [3, M] flat Gram indices of (f, f), (f, s), (s, s) for every point's norm

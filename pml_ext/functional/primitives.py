@@ -47,7 +47,8 @@ def segment_best(values: torch.Tensor, segment: torch.Tensor, num_segments: int,
     exact = torch.float32 if m < 1 << 23 else torch.float64  # row numbers up to 2M held exactly
     gap = best.index_select(0, segment)
     gap = gap.sub_(values) if inverted else torch.sub(values, gap, out=gap)
-    first = gap.sign_().nan_to_num_(0.0).to(exact).mul_(m).add_(torch.arange(m, dtype=exact, device=values.device)[:, None])
+    miss = gap.sign_().nan_to_num_(0.0).to(exact)  # 0 at the best, else 1
+    first = miss.mul_(m).add_(torch.arange(m, dtype=exact, device=values.device)[:, None])
     arg = first.new_full((num_segments, r), 2 * m).scatter_reduce_(0, index, first, "amin")
     return best, arg.long().clamp_(max=max(m - 1, 0))
 
