@@ -18,11 +18,12 @@ rotated every repeat). Batch compositions (B = 128):
 
 The last four draw a fresh label pattern every repeat: the layout is built on every call.
 Peak memory (after all timing, benchmarks/memory.py) is the median of 7 calls on one batch of
-each composition, plain and EE alternated (RSS growth varies by a few hundred kB from call to call); for the fresh compositions EE's layout cache is emptied before each measured call,
-outside the measurement, so the call pays for building and keeping its layout. (Until 2026-12-02 it
-was emptied inside the measured call: freeing the previous layout offset the new one's memory, which
-understated EE's peak on fresh patterns, most for Triplet and Contrastive whose per-pattern tuple
-lists were kept.)
+each composition, plain and EE alternated (RSS growth varies by a few hundred kB from call to
+call). For the fresh compositions EE's layout cache is emptied before each measured call, outside
+the measurement, so the call pays for building and keeping its layout. (Until 2026-12-02 it was
+emptied inside the measured call: freeing the previous layout offset the new one's memory, which
+understated EE's peak on fresh patterns, most for Triplet and Contrastive, whose per-pattern tuple
+lists were kept then.)
 """
 from __future__ import annotations
 
