@@ -37,7 +37,7 @@ import torch
 
 from . import embedding_expansion as _ee
 from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, _sq_norms, take
-from .embedding_expansion_pairs import point_pair_values, search_values, synthetic_scale
+from .embedding_expansion_pairs import point_pair_values, scaled_points, search_values
 from .primitives import segment_best
 
 __all__ = ["ClassGroup", "ClassGroups", "class_groups", "use_groups", "hardest_negative_pairs_in_groups"]
@@ -258,17 +258,13 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
     with torch.no_grad():
         gd = gram.detach()
         order, point_class = grouped.order, grouped.point_class
-        f, s = grouped.first, grouped.second  # everything below is in position order
+        # everything below is in position order
         endpoint_weights = grouped.endpoint_weights.to(gd.dtype)  # EE Eq. 1
-        wf, ws = endpoint_weights
-        sq = _sq_norms(gd, f, s, wf, ws)  # [M] squared norms before EE Eq. 2
-        scale = None
-        if normalizing:
-            scale = synthetic_scale(sq, grouped.synthetic)
-            wf, ws, sq = wf * scale, ws * scale, sq * scale * scale
+        sq = _sq_norms(gd, grouped.first, grouped.second, *endpoint_weights)  # [M] squared norms before EE Eq. 2
+        # EE Eq. 2; gt[j, p] = <original j, point at position p>
+        point_weights, sq, scale, gt = scaled_points(gd, grouped.endpoints, endpoint_weights, sq, grouped.synthetic,
+                                                     normalizing)
         transform, inverted, worst = search_values(sq, kind, distance, normalize)
-        # gt[j, p] = <original j, point at position p>: two column gathers of the Gram matrix
-        gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
 
         def group_weights(g: ClassGroup) -> torch.Tensor:
             """[C_g, K_g, k_g] the group's points over their classes' originals, EE Eq. 2 included."""
@@ -322,7 +318,7 @@ def hardest_negative_pairs_in_groups(embeddings: torch.Tensor, layout, distance,
             best.diagonal().copy_(torch.where(grouped.alone, self_value, best.diagonal()))
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
     # the pairs' values from their positions; the pairs as expanded-set indices
-    hardest = point_pair_values(gram, rows, cols, grouped.endpoints, torch.stack([wf, ws]), sq,
+    hardest = point_pair_values(gram, rows, cols, grouped.endpoints, point_weights, sq,
                                 grouped.synthetic if normalizing else None, rows == cols, kind, distance.power)
     return HardestPairs(hardest, take(order, rows), take(order, cols), best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))

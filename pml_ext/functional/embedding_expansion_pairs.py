@@ -24,6 +24,21 @@ def synthetic_scale(sq: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
     return torch.where(synthetic, inv, 1.0)
 
 
+def scaled_points(gd: torch.Tensor, endpoints: torch.Tensor, weights: torch.Tensor, sq: torch.Tensor,
+                  synthetic: torch.Tensor, normalizing: bool):
+    """A list of points on the Gram matrix ``gd`` (no autograd), as the grouped and the row search
+    read them: ``(weights, sq, scale, gt)``, the [2, M] endpoint weights and [M] squared norms with
+    EE Eq. 2's scale folded in (``scale`` None when not ``normalizing``), and ``gt`` [B, M] = G Wᵀ,
+    every original's inner product with every point (two column gathers of ``gd``)."""
+    scale = None
+    if normalizing:
+        scale = synthetic_scale(sq, synthetic)
+        weights, sq = weights * scale, sq * scale * scale
+    (f, s), (wf, ws) = endpoints, weights
+    gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
+    return weights, sq, scale, gt
+
+
 def search_values(sq: torch.Tensor, kind: str, distance, normalize: bool):
     """How the grouped and the row search turn inner products into search values, from the
     points' squared norms ``sq``: ``(transform, inverted, worst)``. ``transform(r, sq_q, sq_p)``

@@ -35,7 +35,7 @@ import torch
 
 from . import embedding_expansion as _ee
 from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, take
-from .embedding_expansion_pairs import point_pair_values, search_values, synthetic_scale
+from .embedding_expansion_pairs import point_pair_values, scaled_points, search_values
 from .primitives import segment_best
 
 __all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "hardest_negative_pairs_in_rows"]
@@ -137,20 +137,14 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
     normalizing = normalize and ex.has_synthetic
     with torch.no_grad():
         gd = gram.detach()
-        f, s = plan.endpoints
-        w = plan.weights.to(gd.dtype)  # EE Eq. 1
         sq = (take(gd, plan.norm_index) * plan.norm_weights.to(gd.dtype)).sum(0)  # [M] squared norms before EE Eq. 2
-        if normalizing:
-            scale = synthetic_scale(sq, ex.is_synthetic)
-            w, sq = w * scale, sq * scale * scale
-        wf, ws = w
+        # EE Eqs. 1-2; gt[j, p] = <original j, point p>
+        w, sq, _, gt = scaled_points(gd, plan.endpoints, plan.weights.to(gd.dtype), sq, ex.is_synthetic, normalizing)
         transform, inverted, worst = search_values(sq, kind, distance, normalize)
 
         rows, row_class = plan.rows, plan.row_class
         fr, sr = plan.row_ends
         (wfr, wsr), sqr = w.index_select(1, rows), sq.index_select(0, rows)
-        # gt[j, p] = <original j, point p>: two column gathers of the Gram matrix
-        gt = gd.index_select(1, f).mul_(wf).addcmul_(gd.index_select(1, s), ws)
         r_n = rows.numel()
         best_cp = gd.new_full((c, m), worst)  # [row class, point]: best of the class's points against it
         step = max(1, _ROW_CHUNK_ENTRIES // max(1, m))
