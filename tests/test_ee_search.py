@@ -2,6 +2,8 @@
 and by rows (embedding_expansion_rows.py): brute-force references on unbalanced, long-tailed,
 singleton-class and random-label batches; equality with the blocked search to float64 precision;
 gradients; degenerate batches; memory chunks; the cost model's choice."""
+import importlib.util
+
 import pytest
 import torch
 from pytorch_metric_learning import distances, losses
@@ -36,13 +38,20 @@ def batch(classes, seed=0, dim=5):
     return torch.randn(len(classes), dim, generator=g, dtype=torch.float64), torch.tensor(classes)
 
 
+NUMBA = importlib.util.find_spec("numba") is not None
+
+
 @pytest.fixture
 def search(monkeypatch):
-    """Force one search ("blocked", "groups" or "rows") for the test's calls. Groups cost nothing extra by
-    default here, so that every distinct class size gets its own group (small test batches would
-    otherwise share one group and leave the mirrored pairs untested)."""
+    """Force one search ("blocked", "groups", "rows" with tensor operations, or "rows-compiled", the
+    row search's numba kernel) for the test's calls. Groups cost nothing extra by default here, so
+    that every distinct class size gets its own group (small test batches would otherwise share one
+    group and leave the mirrored pairs untested)."""
     def force(path, group_cost=0):
-        monkeypatch.setattr(E, "_SEARCH", path)
+        if path == "rows-compiled" and not NUMBA:
+            pytest.skip("numba is not installed (pip install pml_ext[fast])")
+        monkeypatch.setattr(R, "_COMPILED", "auto" if path == "rows-compiled" else "off")
+        monkeypatch.setattr(E, "_SEARCH", "rows" if path == "rows-compiled" else path)
         monkeypatch.setattr(G, "_GROUP_COST", group_cost)
         E._LAYOUT_CACHE.clear()  # layouts cache their groups
     yield force
@@ -54,7 +63,7 @@ def hardest(x, y, dist, n, pairs, normalize, originals_best=True):
     return layout, F.hardest_negative_pairs_in_layout(x, layout, dist, normalize, originals_best=originals_best)
 
 
-UNEQUAL = ["groups", "rows"]  # the searches made for classes of unequal size
+UNEQUAL = ["groups", "rows", "rows-compiled"]  # the searches made for classes of unequal size
 
 
 @pytest.mark.parametrize("path", UNEQUAL)
@@ -87,7 +96,8 @@ def _random_batch(trial):
 
 @pytest.mark.parametrize("trial", range(6))
 @pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
-@pytest.mark.parametrize("path, group_cost", [("groups", 0), ("groups", G._GROUP_COST), ("rows", 0)])
+@pytest.mark.parametrize("path, group_cost", [("groups", 0), ("groups", G._GROUP_COST), ("rows", 0),
+                                              ("rows-compiled", 0)])
 def test_search_for_unequal_classes_equals_blocked_search(search, trial, kind, path, group_cost):
     """Hardest values, search values, originals-only values, selected pairs and gradients off the
     diagonal (a class against itself, which no loss reads) agree to float64 precision."""
@@ -180,8 +190,9 @@ def test_search_in_memory_chunks_is_the_same(search, monkeypatch, path, module, 
         assert torch.equal(u, v)
 
 
-def test_row_search_pairs_each_class_first_original_with_itself_on_the_diagonal(search):
-    search("rows")
+@pytest.mark.parametrize("path", ["rows", "rows-compiled"])
+def test_row_search_pairs_each_class_first_original_with_itself_on_the_diagonal(search, path):
+    search(path)
     x, y = batch(BATCHES["long_tailed"], seed=4)
     layout, hp = hardest(x, y, distances.LpDistance(), 2, "all", True)
     assert torch.equal(hp.rows.diagonal(), layout.first_index) and torch.equal(hp.cols.diagonal(), layout.first_index)
@@ -399,10 +410,12 @@ def test_row_plan_from_numpy_arrays_equals_the_plan_from_tensors(n, dtype):
             assert (u == v) if isinstance(u, int) else (u.dtype == v.dtype and torch.equal(u, v)), name
 
 
-def test_a_new_pattern_keeps_its_large_structures_only_once_it_recurs():
+def test_a_new_pattern_keeps_its_large_structures_only_once_it_recurs(monkeypatch):
     """Random batches bring a new label pattern every step: the per-pattern tuple lists
-    (Contrastive's pairs, Triplet's triplets) and the row plan are not kept in the layout cache
-    until the pattern comes back, so the cache does not fill with lists never read again."""
+    (Contrastive's pairs, Triplet's triplets) and the row plan (of the row search with tensor
+    operations) are not kept in the layout cache until the pattern comes back, so the cache does
+    not fill with lists never read again."""
+    monkeypatch.setattr(R, "_COMPILED", "off")
     g = torch.Generator().manual_seed(23)
     x, y = torch.randn(48, 8, generator=g), torch.randint(0, 12, (48,), generator=g)
     E._LAYOUT_CACHE.clear()
@@ -476,3 +489,77 @@ def test_half_precision_on_unequal_classes(search, path, dtype, n):
     got.backward()
     assert torch.isfinite(xx.grad).all()
     assert got.double().item() == pytest.approx(want.item(), rel=5e-2)
+
+
+def _search_both_ways(monkeypatch, x, y, dist, n, pairs, normalize):
+    """(tensor-operation row search, compiled row search) of one batch, HardestPairs each."""
+    out = []
+    for mode in ("off", "auto"):
+        monkeypatch.setattr(R, "_COMPILED", mode)
+        monkeypatch.setattr(E, "_SEARCH", "rows")
+        E._LAYOUT_CACHE.clear()
+        layout = F.batch_layout(y, n, pairs, x.dtype)
+        out.append(F.hardest_negative_pairs_in_layout(x, layout, dist, normalize, originals_best=True))
+    E._LAYOUT_CACHE.clear()
+    return out
+
+
+@pytest.mark.skipif(not NUMBA, reason="numba is not installed (pip install pml_ext[fast])")
+@pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_row_search_equals_the_row_search_with_tensor_operations(monkeypatch, kind, dtype):
+    """Same pairs, search values, hardest values and originals-only values, on random and long-tailed
+    batches (B up to 100, singletons included), every n and pairing mode; float32 values to
+    float32 rounding (an exact tie can then go either way: the pairs must have equal values)."""
+    g = torch.Generator().manual_seed(31)
+    for trial in range(8):
+        b, c = int(torch.randint(2, 100, (1,), generator=g)), int(torch.randint(2, 30, (1,), generator=g))
+        p = 1 / torch.arange(1, c + 1, dtype=torch.float64) if trial % 2 else torch.ones(c, dtype=torch.float64)
+        y = torch.multinomial(p, b, replacement=True, generator=g)
+        x = torch.randn(b, 12, generator=g, dtype=torch.float64).to(dtype)
+        for n, pairs, normalize in ((2, "all", True), (0, "all", True), (3, "adjacent", kind != "l2raw")):
+            a, c_ = _search_both_ways(monkeypatch, x, y, GRAM_DISTANCES[kind](), n, pairs, normalize)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            for u, v in ((a.best, c_.best), (a.hardest, c_.hardest), (a.best_originals, c_.best_originals)):
+                assert torch.allclose(u, v, rtol=tol, atol=tol), (u - v).abs().max()
+            assert a.search_inverted == c_.search_inverted
+            if dtype == torch.float64:
+                assert torch.equal(a.rows, c_.rows) and torch.equal(a.cols, c_.cols)
+
+
+@pytest.mark.skipif(not NUMBA, reason="numba is not installed (pip install pml_ext[fast])")
+@pytest.mark.parametrize("kind", ["l2", "cos", "l2raw"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_row_search_breaks_exact_ties_as_the_row_search(monkeypatch, kind, dtype):
+    """Every sample twice in its class (and n = 0 or 1): every class pair's best value is attained by
+    several pairs; both searches keep the same one (the lowest column point, then the lowest row
+    point). In float32 the tensor operations' vectorised and scalar paths round the "same" value
+    differently (by one unit in the last place), so only the values are compared there."""
+    g = torch.Generator().manual_seed(32)
+    base_y = torch.multinomial(1 / torch.arange(1, 7, dtype=torch.float64), 15, replacement=True, generator=g)
+    base = torch.randn(15, 6, generator=g, dtype=torch.float64).to(dtype)
+    x, y = base.repeat_interleave(2, 0), base_y.repeat_interleave(2)
+    for n in (0, 1):
+        a, c_ = _search_both_ways(monkeypatch, x, y, GRAM_DISTANCES[kind](), n, "adjacent", kind != "l2raw")
+        if dtype == torch.float64:
+            assert torch.equal(a.rows, c_.rows) and torch.equal(a.cols, c_.cols)
+            assert torch.equal(a.best, c_.best)
+        else:
+            assert torch.allclose(a.best, c_.best, rtol=1e-6, atol=1e-6)
+            assert torch.allclose(a.hardest, c_.hardest, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_row_search_steps_aside_where_it_cannot_run(monkeypatch):
+    """bfloat16 (no NumPy type) and the switch "off" fall back to tensor operations (None)."""
+    from pml_ext.functional.embedding_expansion_rows import compiled_row_search
+
+    y = torch.tensor([0, 0, 1, 2, 2, 2])
+    dist = distances.CosineSimilarity()
+    layout = F.batch_layout(y, 2, "all", torch.bfloat16)
+    gram = torch.eye(6, dtype=torch.bfloat16)
+    assert compiled_row_search(gram, layout, "inner", dist, True, True) is None
+    monkeypatch.setattr(R, "_COMPILED", "off")
+    layout = F.batch_layout(y, 2, "all", torch.float32)
+    assert compiled_row_search(gram.float(), layout, "inner", dist, True, True) is None
+    assert not R.compiled_available()
+    E._LAYOUT_CACHE.clear()

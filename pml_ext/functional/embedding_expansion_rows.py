@@ -28,7 +28,8 @@ batched products over the classes' originals, which is cheaper when classes have
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import importlib.util
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, 
 from .embedding_expansion_pairs import point_pair_values, scaled_points, search_values
 from .primitives import segment_best
 
-__all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "hardest_negative_pairs_in_rows"]
+__all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "compiled_available", "compiled_row_search",
+           "hardest_negative_pairs_in_rows"]
 
 # bound on the transient [rows, M] block, in entries (256 kB in float32): with 1 << 18, peak memory
 # on random40 / zipf60 batches rose to 1.3x / 2.4x plain MS (RSS growth), at no measurable gain in time
@@ -53,6 +55,49 @@ _ROW_CHUNK_ENTRIES = 1 << 16
 # over each class's originals cost less per entry; on long-tailed batches the row search skips the
 # one large class. 2M keeps random40 n=8 grouped and sends zipf60 n=4 beyond it there too (~4% slower).
 _ROWS_MAX_ENTRIES = 2_000_000
+
+
+# "auto": the compiled kernel (embedding_expansion_rows_kernel) where numba is installed; "off":
+# tensor operations everywhere (tests, benchmarks)
+_COMPILED = "auto"
+_NUMBA: Optional[bool] = None  # whether numba is installed, looked up once
+
+
+def compiled_available() -> bool:
+    """Whether the row search runs as one compiled kernel on CPU (numba installed, not switched off)."""
+    global _NUMBA
+    if _NUMBA is None:
+        _NUMBA = importlib.util.find_spec("numba") is not None
+    return _COMPILED == "auto" and _NUMBA
+
+
+def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normalize: bool, normalizing: bool
+                        ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+    """The row search's no-grad part by the compiled kernel, on the detached Gram matrix ``gram``:
+    ``(best, rows, cols, weights, sq, inverted)``, the first three [C, C] as in
+    :class:`~pml_ext.functional.HardestPairs`, every point's endpoint weights [2, M] and squared
+    norm [M] with EE Eq. 2's scale folded in (what the selected pairs' values read), and whether
+    larger search values are harder. None where it cannot run (numba not installed, not on CPU, a
+    dtype NumPy lacks): the search then runs with tensor operations."""
+    if gram.device.type != "cpu" or gram.dtype not in (torch.float32, torch.float64) or not compiled_available():
+        return None
+    from .embedding_expansion_rows_kernel import row_search  # imports numba (~0.3 s, once)
+
+    arrays = layout._extras.get("numpy")  # numpy_layout's
+    if arrays is not None:
+        first, second, w_first, w_second, point_class, sizes = arrays
+    else:
+        ex = layout.expanded
+        first, second, w_first, w_second = ex.first.numpy(), ex.second.numpy(), ex.w_first.numpy(), ex.w_second.numpy()
+        point_class, sizes = layout.classes.numpy()[first], layout.class_sizes.numpy()
+    np_dtype = np.float32 if gram.dtype == torch.float32 else np.float64
+    if w_first.dtype != np_dtype:  # a layout of another dtype's weights
+        w_first, w_second = w_first.astype(np_dtype), w_second.astype(np_dtype)
+    largest = int(np.argmax(sizes)) if sizes.size else 0  # the first largest, as row_plan
+    out = row_search(gram.numpy(), first, second, w_first, w_second, point_class, layout.first_index.numpy(),
+                     layout.num_classes, largest, normalizing, kind == "euclidean", normalize,
+                     bool(distance.normalize_embeddings), bool(distance.is_inverted), float(distance.power))
+    return (*(torch.from_numpy(a) for a in out[:5]), bool(out[5]))
 
 
 class RowPlan(NamedTuple):
@@ -132,9 +177,21 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
     against itself, which no loss uses) every class gets its first original paired with itself."""
     ex, c = layout.expanded, layout.num_classes
     m = ex.labels.numel()
-    plan = row_plan(layout)
     gram = _ee.normalized_gram(embeddings, distance)
     normalizing = normalize and ex.has_synthetic
+    compiled = compiled_row_search(gram.detach(), layout, kind, distance, normalize, normalizing)
+    if compiled is not None:
+        best, rows, cols, w, sq, inverted = compiled
+        endpoints = layout.extra("endpoints", lambda lay: torch.stack([lay.expanded.first, lay.expanded.second]))
+        best_orig = None
+        if originals_best:
+            transform, _, worst = search_values(sq, kind, distance, normalize)
+            best_orig = _originals_best(gram.detach(), layout.classes, c, transform, inverted, worst)
+        hardest = point_pair_values(gram, rows, cols, endpoints, w, sq, ex.is_synthetic if normalizing else None,
+                                    layout.class_eye, kind, distance.power)
+        return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
+                            _mat_from_gram(gram, kind, distance.power))
+    plan = row_plan(layout)
     with torch.no_grad():
         gd = gram.detach()
         sq = (take(gd, plan.norm_index) * plan.norm_weights.to(gd.dtype)).sum(0)  # [M] squared norms before EE Eq. 2

@@ -1,0 +1,130 @@
+"""EE's row search (Ko & Gu, CVPR 2020, §3.2) as one compiled CPU kernel (numba).
+
+Imported only when numba is installed (``pip install pml_ext[fast]``), by
+:func:`~pml_ext.functional.embedding_expansion_rows.compiled_row_search`. The row search with
+tensor operations issues ~200 of them per call; on CPU, for the few hundred points of a random or
+long-tailed batch, their fixed cost (6-20 µs each with cold caches, as in a training step) is most
+of its time, not arithmetic. This kernel does the search's no-grad part in one call, with the row
+search's arithmetic and result (tested: the same pairs and values): every point's squared norm
+and EE Eq. 2's scale; the originals' inner products with every point (G Wᵀ) with the points
+ordered class by class; every point of every class but the largest against all points, the
+values of one row point at a time reduced over each class's segment; the largest class's pairs
+from the other side; the diagonal. Loops compiled to machine code, no Python in them; the first
+best pair of a class pair is kept as the row search keeps it (the lowest column point, then the
+lowest row point), so no [C, M] table or index list is built.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = ["row_search"]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def segment_max(h, lo, hi):
+    """max(h[lo:hi]), hi > lo (fastmath lets LLVM vectorise the reduction; a maximum is exact in
+    any order)."""
+    best = h[lo]
+    for q in range(lo + 1, hi):
+        best = max(best, h[q])
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def row_search(gram, first, second, w_first, w_second, point_class, first_index, num_classes, largest,
+                normalizing, euclidean, normalize, distance_normalizes, distance_inverted, power):
+    """``(best, rows, cols, weights, sq, inverted)``: see
+    :func:`~pml_ext.functional.embedding_expansion_rows.compiled_row_search`. ``gram`` [B, B] the
+    originals' Gram matrix; ``first``/``second``/``w_first``/``w_second`` [M] every point's
+    endpoints and EE Eq. 1 weights; ``point_class`` [M]; ``first_index`` [C] each class's first
+    original; ``largest`` the class searched from the other side."""
+    b, m, c = gram.shape[0], first.shape[0], num_classes
+    weights = np.empty((2, m), gram.dtype)
+    sq = np.empty(m, gram.dtype)
+    tiny = np.finfo(gram.dtype).tiny
+    on_sphere = euclidean and normalize and distance_normalizes and power > 0
+    for p in range(m):  # squared norm before EE Eq. 2, then its scale folded in
+        f, s, wf, ws = first[p], second[p], w_first[p], w_second[p]
+        n = gram[f, f] * (wf * wf) + gram[f, s] * (2 * wf * ws) + gram[s, s] * (ws * ws)
+        if normalizing and p >= b:  # a synthetic point (they follow the originals)
+            scale = 1 / math.sqrt(max(n, tiny)) if n > 0 else 0.0
+            wf, ws, n = wf * scale, ws * scale, n * scale * scale
+        weights[0, p], weights[1, p], sq[p] = wf, ws, n
+        on_sphere = on_sphere and n > 0.5
+    # on the unit sphere the Euclidean distance falls as the inner product rises: search inner products
+    inverted = on_sphere or distance_inverted
+    off_sphere = euclidean and not on_sphere
+    pw = 1.0 if on_sphere else power
+    # the points class by class (batch order inside): each class's columns are one segment, whose
+    # first best point is the lowest-numbered one, as in the row search
+    start = np.zeros(c + 1, np.int64)
+    for p in range(m):
+        start[point_class[p] + 1] += 1
+    for y in range(c):
+        start[y + 1] += start[y]
+    order = np.empty(m, np.int64)
+    fill = start[:c].copy()
+    for p in range(m):
+        order[fill[point_class[p]]] = p
+        fill[point_class[p]] += 1
+    sq_o, f_o, s_o = sq[order], first[order], second[order]
+    wf_o, ws_o = weights[0][order], weights[1][order]
+    gt = np.empty((b, m), gram.dtype)  # gt[j, q] = <original j, point order[q]>
+    for j in range(b):
+        g = gram[j]
+        for q in range(m):
+            gt[j, q] = g[f_o[q]] * wf_o[q] + g[s_o[q]] * ws_o[q]
+    worst = -np.inf if inverted else np.inf
+    best = np.full((c, c), worst, gram.dtype)
+    rows = np.zeros((c, c), np.int64)
+    cols = np.zeros((c, c), np.int64)
+    sign = 1.0 if inverted else -1.0  # hardness h = ±v: larger is harder
+    h = np.empty(m, gram.dtype)
+    for r in range(m):  # every point of every class but the largest against every other class's points
+        x = point_class[r]
+        if x == largest:
+            continue
+        gf, gs, wf, ws, sq_r = gt[first[r]], gt[second[r]], weights[0, r], weights[1, r], sq[r]
+        for q in range(m):
+            h[q] = gf[q] * wf + gs[q] * ws
+        if off_sphere:
+            for q in range(m):
+                d = sq_r + sq_o[q] - 2 * h[q]
+                h[q] = math.sqrt(max(d, tiny)) if d > 0 else 0.0
+        if pw != 1.0:
+            for q in range(m):
+                h[q] = h[q] ** pw
+        if sign < 0:
+            for q in range(m):
+                h[q] = -h[q]
+        for y in range(c):
+            if y == x or start[y] == start[y + 1]:
+                continue
+            lo, hi = start[y], start[y + 1]
+            bh = segment_max(h, lo, hi)
+            current = sign * best[x, y]
+            if bh < current:
+                continue
+            q = lo
+            while q < hi and h[q] != bh:  # the first point attaining it (none: NaN values)
+                q += 1
+            if q == hi:
+                continue
+            p = order[q]
+            if bh > current or p < cols[x, y]:  # on a tie, the row search's first best: lowest column point
+                best[x, y], rows[x, y], cols[x, y] = sign * bh, r, p
+    for y in range(c):  # the largest class's pairs from the other side
+        if y != largest:
+            best[largest, y], rows[largest, y], cols[largest, y] = best[y, largest], cols[y, largest], rows[y, largest]
+    for x in range(c):  # every class against itself: its first original
+        i = first_index[x]
+        v = sq[i]
+        if off_sphere:
+            v = 0.0
+        if pw != 1.0:
+            v = v**pw
+        best[x, x], rows[x, x], cols[x, x] = v, i, i
+    return best, rows, cols, weights, sq, inverted
