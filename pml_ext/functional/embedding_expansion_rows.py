@@ -25,6 +25,10 @@ batched products over the classes' originals, which is cheaper when classes have
 (n = 8 on classes of similar size); :func:`~pml_ext.functional.use_groups` and
 :func:`use_rows` choose. The gradient flows only through the C² selected pairs
 (:func:`~pml_ext.functional.embedding_expansion_pairs.selected_pair_values`).
+
+On CPU in float32 / float64, with numba installed (``pip install pml_ext[fast]``), the no-grad
+part runs as one compiled kernel instead (:mod:`~pml_ext.functional.embedding_expansion_rows_kernel`,
+:func:`compiled_row_search`): the same pairs, without the ~200 tensor operations' fixed costs.
 """
 from __future__ import annotations
 
@@ -174,66 +178,70 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
                                    normalize: bool = True, originals_best: bool = False) -> HardestPairs:
     """EE's hard negative pair mining (§3.2) by the row search (module docstring): the same
     result as the blocked search off the diagonal (up to exact ties). On the diagonal (a class
-    against itself, which no loss uses) every class gets its first original paired with itself."""
+    against itself, which no loss uses) every class gets its first original paired with itself.
+    The no-grad search runs as one compiled kernel where it can (:func:`compiled_row_search`),
+    else with tensor operations; the selected pairs' values are differentiable either way."""
     ex, c = layout.expanded, layout.num_classes
-    m = ex.labels.numel()
     gram = _ee.normalized_gram(embeddings, distance)
     normalizing = normalize and ex.has_synthetic
-    compiled = compiled_row_search(gram.detach(), layout, kind, distance, normalize, normalizing)
-    if compiled is not None:
-        best, rows, cols, w, sq, inverted = compiled
-        endpoints = layout.extra("endpoints", lambda lay: torch.stack([lay.expanded.first, lay.expanded.second]))
-        best_orig = None
-        if originals_best:
-            transform, _, worst = search_values(sq, kind, distance, normalize)
-            best_orig = _originals_best(gram.detach(), layout.classes, c, transform, inverted, worst)
-        hardest = point_pair_values(gram, rows, cols, endpoints, w, sq, ex.is_synthetic if normalizing else None,
-                                    layout.class_eye, kind, distance.power)
-        return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
-                            _mat_from_gram(gram, kind, distance.power))
-    plan = row_plan(layout)
-    with torch.no_grad():
-        gd = gram.detach()
-        sq = (take(gd, plan.norm_index) * plan.norm_weights.to(gd.dtype)).sum(0)  # [M] squared norms before EE Eq. 2
-        # EE Eqs. 1-2; gt[j, p] = <original j, point p>
-        w, sq, _, gt = scaled_points(gd, plan.endpoints, plan.weights.to(gd.dtype), sq, ex.is_synthetic, normalizing)
-        transform, inverted, worst = search_values(sq, kind, distance, normalize)
-
-        rows, row_class = plan.rows, plan.row_class
-        fr, sr = plan.row_ends
-        (wfr, wsr), sqr = w.index_select(1, rows), sq.index_select(0, rows)
-        r_n = rows.numel()
-        best_cp = gd.new_full((c, m), worst)  # [row class, point]: best of the class's points against it
-        step = max(1, _ROW_CHUNK_ENTRIES // max(1, m))
-        for lo in range(0, r_n, step):  # memory chunks of rows (one for usual batches)
-            hi = min(r_n, lo + step)
-            v = gt.index_select(0, fr[lo:hi]).mul_(wfr[lo:hi, None])
-            v = transform(v.addcmul_(gt.index_select(0, sr[lo:hi]), wsr[lo:hi, None]),
-                          lambda: sqr[lo:hi, None], lambda: sq)
-            # self as wide as src: torch 2.14.1's CPU fast path for an expanded index writes wrong
-            # entries when self is wider (checked 2026-12-02 against a loop; a materialised index is right)
-            best_cp.scatter_reduce_(0, row_class[lo:hi, None].expand_as(v), v, "amax" if inverted else "amin")
-        # stage 2: [x, y] the best over y's points, and the first point attaining it
-        best_pc = best_cp.t().contiguous()
-        del best_cp  # peak memory: one [C, M] table at a time
-        best, cols = (t.t() for t in segment_best(best_pc, plan.point_class, c, inverted, worst))
-        del best_pc
-        # stage 3: every row point against the point chosen for its class and each y: the first best one
-        target = cols.to(plan.row_offsets.dtype).index_select(0, row_class)  # [R, C]
-        ends_rc = take(gt, plan.row_offsets + target)  # [2, R, C] the row points' originals against the targets
-        v = transform(ends_rc[0].mul_(wfr[:, None]).addcmul_(ends_rc[1], wsr[:, None]), lambda: sqr[:, None],
-                      lambda: take(sq, target))
-        rows = take(rows, segment_best(v, row_class, c, inverted, worst)[1]) if r_n else torch.zeros_like(cols)
-        # the largest class's pairs from the other side; every class against itself: its first original
-        big, first, eye = plan.largest, layout.first_index, layout.class_eye
-        rows[big], cols[big], best[big] = cols[:, big].clone(), rows[:, big].clone(), best[:, big].clone()
-        rows = torch.where(eye, first[:, None], rows)
-        cols = torch.where(eye, first[None, :], cols)
-        sq_first = take(sq, first)
-        best.diagonal().copy_(transform(sq_first, lambda: sq_first, lambda: sq_first))
-        best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst) if originals_best else None
-    hardest = point_pair_values(gram, rows, cols, plan.endpoints, w, sq, ex.is_synthetic if normalizing else None,
-                                eye, kind, distance.power)
+    gd = gram.detach()
+    found = compiled_row_search(gd, layout, kind, distance, normalize, normalizing)
+    if found is None:
+        found = _search_with_tensors(gd, layout, kind, distance, normalize, normalizing)
+    best, rows, cols, w, sq, inverted = found
+    best_orig = None
+    if originals_best:
+        transform, _, worst = search_values(sq, kind, distance, normalize)
+        best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst)
+    endpoints = layout.extra("endpoints", lambda lay: torch.stack([lay.expanded.first, lay.expanded.second]))
+    hardest = point_pair_values(gram, rows, cols, endpoints, w, sq, ex.is_synthetic if normalizing else None,
+                                layout.class_eye, kind, distance.power)
     return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))
 
+
+@torch.no_grad()
+def _search_with_tensors(gd: torch.Tensor, layout, kind: str, distance, normalize: bool, normalizing: bool):
+    """The row search's no-grad part with tensor operations (module docstring's three stages):
+    what :func:`compiled_row_search` returns."""
+    ex, c = layout.expanded, layout.num_classes
+    m = ex.labels.numel()
+    plan = row_plan(layout)
+    sq = (take(gd, plan.norm_index) * plan.norm_weights.to(gd.dtype)).sum(0)  # [M] squared norms before EE Eq. 2
+    # EE Eqs. 1-2; gt[j, p] = <original j, point p>
+    w, sq, _, gt = scaled_points(gd, plan.endpoints, plan.weights.to(gd.dtype), sq, ex.is_synthetic, normalizing)
+    transform, inverted, worst = search_values(sq, kind, distance, normalize)
+
+    rows, row_class = plan.rows, plan.row_class
+    fr, sr = plan.row_ends
+    (wfr, wsr), sqr = w.index_select(1, rows), sq.index_select(0, rows)
+    r_n = rows.numel()
+    best_cp = gd.new_full((c, m), worst)  # [row class, point]: best of the class's points against it
+    step = max(1, _ROW_CHUNK_ENTRIES // max(1, m))
+    for lo in range(0, r_n, step):  # memory chunks of rows (one for usual batches)
+        hi = min(r_n, lo + step)
+        v = gt.index_select(0, fr[lo:hi]).mul_(wfr[lo:hi, None])
+        v = transform(v.addcmul_(gt.index_select(0, sr[lo:hi]), wsr[lo:hi, None]),
+                      lambda: sqr[lo:hi, None], lambda: sq)
+        # self as wide as src: torch 2.14.1's CPU fast path for an expanded index writes wrong
+        # entries when self is wider (checked 2026-12-02 against a loop; a materialised index is right)
+        best_cp.scatter_reduce_(0, row_class[lo:hi, None].expand_as(v), v, "amax" if inverted else "amin")
+    # stage 2: [x, y] the best over y's points, and the first point attaining it
+    best_pc = best_cp.t().contiguous()
+    del best_cp  # peak memory: one [C, M] table at a time
+    best, cols = (t.t() for t in segment_best(best_pc, plan.point_class, c, inverted, worst))
+    del best_pc
+    # stage 3: every row point against the point chosen for its class and each y: the first best one
+    target = cols.to(plan.row_offsets.dtype).index_select(0, row_class)  # [R, C]
+    ends_rc = take(gt, plan.row_offsets + target)  # [2, R, C] the row points' originals against the targets
+    v = transform(ends_rc[0].mul_(wfr[:, None]).addcmul_(ends_rc[1], wsr[:, None]), lambda: sqr[:, None],
+                  lambda: take(sq, target))
+    rows = take(rows, segment_best(v, row_class, c, inverted, worst)[1]) if r_n else torch.zeros_like(cols)
+    # the largest class's pairs from the other side; every class against itself: its first original
+    big, first, eye = plan.largest, layout.first_index, layout.class_eye
+    rows[big], cols[big], best[big] = cols[:, big].clone(), rows[:, big].clone(), best[:, big].clone()
+    rows = torch.where(eye, first[:, None], rows)
+    cols = torch.where(eye, first[None, :], cols)
+    sq_first = take(sq, first)
+    best.diagonal().copy_(transform(sq_first, lambda: sq_first, lambda: sq_first))
+    return best, rows, cols, w, sq, inverted
