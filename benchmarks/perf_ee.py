@@ -3,7 +3,8 @@
     python -m benchmarks.perf_ee                      # every batch composition, B=128, d=512, n=2
     python -m benchmarks.perf_ee --compositions 32x4 zipf60
     python -m benchmarks.perf_ee --scaling            # time/memory over B and n (32 classes x 4 ...)
-    python -m benchmarks.perf_ee --paths              # EE's three searches side by side, and the choice
+    python -m benchmarks.perf_ee --paths              # EE's searches side by side, and the choice
+    python -m benchmarks.perf_ee --compiled off       # the row search with tensor operations (no numba kernel)
 
 Every ratio is measured in one run, alternating our call and PML's on the same batch (order
 rotated every repeat). Batch compositions (B = 128):
@@ -180,6 +181,8 @@ def main(argv=None):
                          "n/pairs, with the cost model's choice")
     ap.add_argument("--compositions", nargs="+", choices=list(COMPOSITIONS), help="default: all")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--compiled", choices=["auto", "off"], default="auto",
+                    help="off: EE's row search with tensor operations even where its numba kernel can run")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: the calling thread's CPU time, with one thread (robust to other processes "
                          "on a shared CPU machine; not for CUDA)")
@@ -192,8 +195,12 @@ def main(argv=None):
         CLOCK = time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pml_ext.functional import embedding_expansion_rows as rows
+
+    rows._COMPILED = args.compiled
+    kernel = "compiled (numba)" if rows.compiled_available() else "tensor operations"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
-          f"clock {args.clock}")
+          f"clock {args.clock}, row search: {kernel}")
     if args.scaling:
         return scaling(args)
     if args.paths:
@@ -248,8 +255,9 @@ def _callables(args):
 
 
 def search_paths(args):
-    """EE's three searches side by side per composition (the search alone: Gram matrix, search,
-    selected values, backward; LpDistance), and which one the cost model picks. For the
+    """EE's searches side by side per composition (the search alone: Gram matrix, search,
+    selected values, backward; LpDistance): blocked, grouped, rows with tensor operations, rows by
+    the compiled kernel (where numba is installed); and which one the cost model picks. For the
     compositions that draw a new label pattern every step, every call also builds the search's
     per-pattern structures, as training pays them there."""
     from pytorch_metric_learning import distances
@@ -260,7 +268,7 @@ def search_paths(args):
     dist = distances.LpDistance()
     x, _ = batch(args.batch, args.per_class, args.dim, args.device)
     print(f"{'composition':<15}{'n':>3} {'pairs':<9}{'M':>6}{'blocked entries':>16}{'grouped entries':>16}"
-          f"{'row entries':>12}{'blocked ms':>11}{'grouped ms':>11}{'rows ms':>9}  choice")
+          f"{'row entries':>12}{'blocked ms':>11}{'grouped ms':>11}{'rows ms':>9}{'compiled ms':>12}  choice")
 
     def search(layout, fresh):
         def call(e, l):
@@ -276,20 +284,24 @@ def search_paths(args):
             c, kk, k = layout.num_classes, int(sizes.max()), int(torch.bincount(layout.classes).max())
             blocked_entries = (c * kk) * (c * kk + c * k)
             times = []
-            for path in ("blocked", "groups", "rows"):
-                if path == "blocked" and blocked_entries > 3e8:  # minutes per call
-                    times.append(float("nan"))
+            compiled = rows.compiled_available()
+            for path in ("blocked", "groups", "rows", "rows-compiled"):
+                if (path == "blocked" and blocked_entries > 3e8) or (path == "rows-compiled" and not compiled):
+                    times.append(float("nan"))  # minutes per call; no numba
                     continue
-                ee_functional._SEARCH = path
+                ee_functional._SEARCH = "rows" if path == "rows-compiled" else path
+                rows._COMPILED = "auto" if path == "rows-compiled" else "off"
                 try:
                     times.append(time_interleaved([search(layout, comp not in BALANCED)], x, y,
                                                   max(3, args.repeats // 2), args.device)[0])
                 finally:
                     ee_functional._SEARCH = "auto"
+                    rows._COMPILED = "auto" if compiled else "off"
             choice = ee_functional.search_path(layout)
             print(f"{comp:<15}{n:>3} {pairs:<9}{int(sizes.sum()):>6}{blocked_entries:>16}"
                   f"{groups.class_groups(layout).entries():>16}{rows.row_entries(layout):>12}"
-                  f"{times[0] * 1e3:>11.2f}{times[1] * 1e3:>11.2f}{times[2] * 1e3:>9.2f}  {choice}", flush=True)
+                  f"{times[0] * 1e3:>11.2f}{times[1] * 1e3:>11.2f}{times[2] * 1e3:>9.2f}{times[3] * 1e3:>12.2f}"
+                  f"  {choice}", flush=True)
 
 
 def scaling(args):

@@ -6,8 +6,10 @@ Draws label patterns of a composition (benchmarks.perf_ee's) until it has ``--pa
 search has a number of stage-1 entries (R·M) in the given range, then times MS + miner (forward +
 backward, one thread, the calling thread's CPU time) with each search forced, the two in random
 order on each pattern and the layout rebuilt every call, as a new label pattern does. Prints the
-median times and on how many patterns the row search was faster.
-``pml_ext.functional.embedding_expansion_rows._ROWS_MAX_ENTRIES`` cites what this measured.
+median times and on how many patterns the row search was faster. The row search runs with tensor
+operations (its numba kernel switched off): ``pml_ext.functional.embedding_expansion_rows._ROWS_MAX_ENTRIES``,
+the threshold of that search, cites what this measured. (The compiled search's threshold comes from
+``python -m benchmarks.perf_ee --paths``.)
 """
 from __future__ import annotations
 
@@ -59,6 +61,9 @@ def main(argv=None):
     loss = EmbeddingExpansionLoss(losses.MultiSimilarityLoss(), n_points=args.n_points)
     miner = miners.MultiSimilarityMiner()
     times = {s: [] for s in SEARCHES}
+    from pml_ext.functional import embedding_expansion_rows as rows
+
+    compiled, rows._COMPILED = rows._COMPILED, "off"
     try:
         for y, _ in found:
             for search in rng.sample(SEARCHES, len(SEARCHES)):
@@ -70,7 +75,7 @@ def main(argv=None):
                 loss(e, y, tuples).backward()
                 times[search].append(time.thread_time() - t0)
     finally:
-        ee_functional._SEARCH = "auto"
+        ee_functional._SEARCH, rows._COMPILED = "auto", compiled
     entries = [e for _, e in found]
     faster = sum(r < g for r, g in zip(times["rows"], times["groups"]))
     print(f"{args.composition} n={args.n_points}: {len(found)} patterns, R·M {min(entries)}-{max(entries)}; MS + miner "

@@ -230,7 +230,9 @@ def test_cost_model_blocked_for_balanced_batches_grouped_for_unequal_or_many_poi
     assert not G.use_groups(_layout(torch.arange(64).repeat_interleave(2), n=8))
 
 
-def test_search_path_blocked_for_equal_classes_rows_for_small_unequal_sets_groups_for_large():
+def test_search_path_blocked_for_equal_classes_rows_for_small_unequal_sets_groups_for_large(monkeypatch):
+    """The cost model with tensor operations only (no numba kernel)."""
+    monkeypatch.setattr(R, "_COMPILED", "off")
     g = torch.Generator().manual_seed(0)
     balanced = torch.arange(32).repeat_interleave(4)
     zipf = torch.multinomial(1 / torch.arange(1, 61, dtype=torch.float64), 128, replacement=True, generator=g)
@@ -245,6 +247,22 @@ def test_search_path_blocked_for_equal_classes_rows_for_small_unequal_sets_group
     assert E.search_path(_layout([0, 0, 0])) == "blocked"  # one class: nothing to search
     layout = _layout([0, 0, 0, 1, 2, 2])  # expanded sizes 3 + 2·3, 1, 2 + 2·1: M = 14
     assert R.row_entries(layout) == (14 - 9) * 14
+
+
+@pytest.mark.skipif(not NUMBA, reason="numba is not installed (pip install pml_ext[fast])")
+def test_search_path_compiled_rows_up_to_many_entries_then_groups(monkeypatch):
+    """With the compiled row search: rows for balanced and unequal batches alike, groups beyond
+    _COMPILED_MAX_ENTRIES; half precision (no kernel) keeps the tensor-operation model."""
+    monkeypatch.setattr(R, "_COMPILED", "auto")
+    g = torch.Generator().manual_seed(0)
+    balanced = torch.arange(32).repeat_interleave(4)
+    random40 = torch.randint(0, 40, (128,), generator=g)
+    assert E.search_path(_layout(balanced)) == "rows"
+    assert E.search_path(_layout(random40, n=8)) == "rows"  # 2.7M entries
+    assert E.search_path(_layout(torch.arange(16).repeat_interleave(8), n=8)) == "groups"  # 12.9M entries
+    assert E.search_path(_layout([0, 0, 0])) == "blocked"  # one class: nothing to search
+    assert E.search_path(F.batch_layout(balanced, 2, "all", torch.bfloat16)) == "blocked"
+    E._LAYOUT_CACHE.clear()
 
 
 @pytest.mark.parametrize("seed", range(3))

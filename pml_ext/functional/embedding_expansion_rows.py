@@ -59,6 +59,14 @@ _ROW_CHUNK_ENTRIES = 1 << 16
 # over each class's originals cost less per entry; on long-tailed batches the row search skips the
 # one large class. 2M keeps random40 n=8 grouped and sends zipf60 n=4 beyond it there too (~4% slower).
 _ROWS_MAX_ENTRIES = 2_000_000
+# The compiled row search (numba) is chosen for every pattern up to this many stage-1 entries, balanced
+# batches included. Measured (``python -m benchmarks.perf_ee --paths --clock cpu``, the search alone
+# with its backward, B = 128, d = 512, LpDistance; docs/results/perf_ee_paths.txt), compiled vs the
+# best other search: 32x4 n=2 2.03 vs 2.52 ms (blocked), 16x8 n=4 (3.5M entries) 4.94 vs 5.40 (grouped),
+# random40 n=8 (2.7M) 4.60 vs 7.31 (grouped), zipf60 n=8 (8.4M) 14.00 vs 14.19 (grouped), 16x8 n=8
+# (12.9M) 14.02 vs 13.50 (grouped): one pass over R·M entries against batched products whose cost
+# grows more slowly with many points per class.
+_COMPILED_MAX_ENTRIES = 10_000_000
 
 
 # "auto": the compiled kernel (embedding_expansion_rows_kernel) where numba is installed; "off":
@@ -133,15 +141,24 @@ def row_entries(layout) -> int:
 
 
 def use_rows(layout) -> bool:
-    """Whether the row search is the one to use for this label pattern: classes of unequal
-    expanded size (equal classes have no padding in the blocked search, whose few large batched
-    products are then cheaper) and at most _ROWS_MAX_ENTRIES stage-1 entries (beyond that the
-    grouped search's batched products over each class's originals cost less per entry). Cached on
-    the layout."""
+    """Whether the row search is the one to use for this label pattern. By the compiled kernel
+    (CPU, float32 / float64, numba installed): any pattern of two or more classes up to
+    _COMPILED_MAX_ENTRIES stage-1 entries. With tensor operations: classes of unequal expanded size
+    (equal classes have no padding in the blocked search, whose few large batched products are then
+    cheaper) and at most _ROWS_MAX_ENTRIES stage-1 entries (beyond that the grouped search's batched
+    products over each class's originals cost less per entry). Cached on the layout."""
+    ex = layout.expanded
+    compiled = (layout.classes.device.type == "cpu" and ex.w_first.dtype in (torch.float32, torch.float64)
+                and compiled_available())
+
     def choose(lay) -> bool:
         sizes = lay.class_sizes.tolist()  # a few Python numbers: no tensor operation per call
-        return len(sizes) > 1 and min(sizes) != max(sizes) and row_entries(lay) <= _ROWS_MAX_ENTRIES
-    return layout.extra("use_rows", choose)
+        if len(sizes) < 2:
+            return False
+        if compiled:
+            return row_entries(lay) <= _COMPILED_MAX_ENTRIES
+        return min(sizes) != max(sizes) and row_entries(lay) <= _ROWS_MAX_ENTRIES
+    return layout.extra(("use_rows", compiled), choose)
 
 
 def _build_plan(layout) -> RowPlan:
