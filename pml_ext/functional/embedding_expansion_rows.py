@@ -95,13 +95,7 @@ def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normali
         return None
     from .embedding_expansion_rows_kernel import row_search  # imports numba (~0.3 s, once)
 
-    arrays = layout._extras.get("numpy")  # numpy_layout's
-    if arrays is not None:
-        first, second, w_first, w_second, point_class, sizes = arrays
-    else:
-        ex = layout.expanded
-        first, second, w_first, w_second = ex.first.numpy(), ex.second.numpy(), ex.w_first.numpy(), ex.w_second.numpy()
-        point_class, sizes = layout.classes.numpy()[first], layout.class_sizes.numpy()
+    first, second, w_first, w_second, point_class, sizes = _layout_arrays(layout)
     np_dtype = np.float32 if gram.dtype == torch.float32 else np.float64
     if w_first.dtype != np_dtype:  # a layout of another dtype's weights
         w_first, w_second = w_first.astype(np_dtype), w_second.astype(np_dtype)
@@ -110,6 +104,54 @@ def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normali
                      layout.num_classes, largest, normalizing, kind == "euclidean", normalize,
                      bool(distance.normalize_embeddings), bool(distance.is_inverted), float(distance.power))
     return (*(torch.from_numpy(a) for a in out[:5]), bool(out[5]))
+
+
+def _layout_arrays(layout):
+    """(first, second, w_first, w_second, point_class, class_sizes) of a CPU layout as NumPy arrays
+    (the ones numpy_layout keeps, else views of its tensors)."""
+    arrays = layout._extras.get("numpy")  # numpy_layout's
+    if arrays is not None:
+        return arrays
+    ex = layout.expanded
+    first = ex.first.numpy()
+    return (first, ex.second.numpy(), ex.w_first.numpy(), ex.w_second.numpy(), layout.classes.numpy()[first],
+            layout.class_sizes.numpy())
+
+
+class _CompiledPairValues(torch.autograd.Function):
+    """The selected pairs' values, differentiable through the Gram matrix, by two compiled loops
+    (:func:`~pml_ext.functional.embedding_expansion_rows_kernel.pair_values` and its backward): the
+    arithmetic of :class:`~pml_ext.functional.embedding_expansion_pairs._SelectedPairs` without its
+    ~25 tensor operations (gathers of the pairs' endpoints, weights and norms, index arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, gram, rows, cols, first, second, weights, sq, synthetic_from: int, euclidean: bool, power: float):
+        from .embedding_expansion_rows_kernel import pair_values
+
+        arrays = (rows.numpy(), cols.numpy(), first, second, weights.numpy())
+        out, value, base = pair_values(gram.detach().numpy(), *arrays, sq.numpy(), synthetic_from, euclidean, power)
+        ctx.arrays, ctx.saved = arrays, (value, base, synthetic_from, euclidean, power)
+        ctx.b = gram.shape[0]
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u):
+        from .embedding_expansion_rows_kernel import pair_values_backward
+
+        grad = pair_values_backward(u.contiguous().numpy(), ctx.b, *ctx.arrays, *ctx.saved)
+        return torch.from_numpy(grad), None, None, None, None, None, None, None, None, None
+
+
+def compiled_pair_values(gram: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, layout, weights: torch.Tensor,
+                         sq: torch.Tensor, normalizing: bool, kind: str, power) -> torch.Tensor:
+    """[C, C] values of the pairs (``rows``, ``cols``) that :func:`compiled_row_search` selected,
+    differentiable through ``gram`` (CPU, float32 / float64; the caller checked)."""
+    first, second = _layout_arrays(layout)[:2]
+    m = first.shape[0]
+    synthetic_from = layout.expanded.num_originals if normalizing else m
+    return _CompiledPairValues.apply(gram, rows, cols, first, second, weights, sq, synthetic_from,
+                                     kind == "euclidean", float(power))
 
 
 class RowPlan(NamedTuple):
@@ -203,16 +245,20 @@ def hardest_negative_pairs_in_rows(embeddings: torch.Tensor, layout, distance, k
     normalizing = normalize and ex.has_synthetic
     gd = gram.detach()
     found = compiled_row_search(gd, layout, kind, distance, normalize, normalizing)
-    if found is None:
+    compiled = found is not None
+    if not compiled:
         found = _search_with_tensors(gd, layout, kind, distance, normalize, normalizing)
     best, rows, cols, w, sq, inverted = found
     best_orig = None
     if originals_best:
         transform, _, worst = search_values(sq, kind, distance, normalize)
         best_orig = _originals_best(gd, layout.classes, c, transform, inverted, worst)
-    endpoints = layout.extra("endpoints", lambda lay: torch.stack([lay.expanded.first, lay.expanded.second]))
-    hardest = point_pair_values(gram, rows, cols, endpoints, w, sq, ex.is_synthetic if normalizing else None,
-                                layout.class_eye, kind, distance.power)
+    if compiled:
+        hardest = compiled_pair_values(gram, rows, cols, layout, w, sq, normalizing, kind, distance.power)
+    else:
+        endpoints = torch.stack([ex.first, ex.second])
+        hardest = point_pair_values(gram, rows, cols, endpoints, w, sq, ex.is_synthetic if normalizing else None,
+                                    layout.class_eye, kind, distance.power)
     return HardestPairs(hardest, rows, cols, best, best_orig, inverted, layout,
                         _mat_from_gram(gram, kind, distance.power))
 

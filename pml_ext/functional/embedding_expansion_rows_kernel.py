@@ -128,3 +128,67 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
             v = v**pw
         best[x, x], rows[x, x], cols[x, x] = v, i, i
     return best, rows, cols, weights, sq, inverted
+
+
+@numba.njit(cache=True, nogil=True)
+def pair_values(gram, rows, cols, first, second, weights, sq, synthetic_from, euclidean, power):
+    """The selected pairs' values, as :class:`~pml_ext.functional.embedding_expansion_pairs._SelectedPairs`
+    computes them: ``(out, value, base)`` [C, C] each, for the pair (``rows[x, y]``, ``cols[x, y]``)
+    of expanded points given by their endpoints and ``weights`` / ``sq`` with EE Eq. 2's scale
+    (points from ``synthetic_from`` on are L2-normalised synthetic points; pass M for none). ``base``
+    is the inner product, ``value`` the distance before the power."""
+    c = rows.shape[0]
+    out = np.empty((c, c), gram.dtype)
+    value = np.empty((c, c), gram.dtype)
+    base = np.empty((c, c), gram.dtype)
+    tiny = np.finfo(gram.dtype).tiny
+    for x in range(c):
+        for y in range(c):
+            r, q = rows[x, y], cols[x, y]
+            e_r, e_q = (first[r], second[r]), (first[q], second[q])
+            w_r, w_q = (weights[0, r], weights[1, r]), (weights[0, q], weights[1, q])
+            inner = 0.0
+            for i in range(2):
+                for j in range(2):
+                    inner += gram[e_r[i], e_q[j]] * (w_r[i] * w_q[j])
+            v = inner
+            if euclidean:
+                d = 0.0 if x == y else sq[r] + sq[q] - 2 * inner
+                v = math.sqrt(max(d, tiny)) if d > 0 else 0.0
+            base[x, y], value[x, y] = inner, v
+            out[x, y] = v**power if power != 1.0 else v
+    return out, value, base
+
+
+@numba.njit(cache=True, nogil=True)
+def pair_values_backward(u, b, rows, cols, first, second, weights, value, base, synthetic_from, euclidean, power):
+    """The gradient of :func:`pair_values`' ``out`` with respect to the Gram matrix, [B, B], for the
+    incoming gradient ``u`` [C, C]: the twelve Gram entries of every pair, as
+    ``_SelectedPairs.backward`` writes them (the inner product's four, and each point's squared
+    norm's four, through EE Eq. 2's scale or, for Euclidean values, the norm itself)."""
+    c = rows.shape[0]
+    grad = np.zeros((b, b), u.dtype)
+    tiny = np.finfo(u.dtype).tiny
+    for x in range(c):
+        for y in range(c):
+            g = u[x, y]
+            v = value[x, y]
+            if power != 1.0:
+                g = g * power * v ** (power - 1)
+            if euclidean:
+                g_d2 = 0.5 * g / max(v, tiny) if v > 0 else 0.0
+                g_inner = -2 * g_d2
+            else:
+                g_d2, g_inner = 0.0, g
+            syn_term = -0.5 * g_inner * base[x, y]
+            r, q = rows[x, y], cols[x, y]
+            c_r = syn_term if r >= synthetic_from else g_d2
+            c_q = syn_term if q >= synthetic_from else g_d2
+            e_r, e_q = (first[r], second[r]), (first[q], second[q])
+            w_r, w_q = (weights[0, r], weights[1, r]), (weights[0, q], weights[1, q])
+            for i in range(2):
+                for j in range(2):
+                    grad[e_r[i], e_q[j]] += g_inner * (w_r[i] * w_q[j])
+                    grad[e_r[i], e_r[j]] += c_r * (w_r[i] * w_r[j])
+                    grad[e_q[i], e_q[j]] += c_q * (w_q[i] * w_q[j])
+    return grad
