@@ -7,11 +7,12 @@ long-tailed batch, their fixed cost (6-20 µs each with cold caches, as in a tra
 of its time, not arithmetic. This kernel does the search's no-grad part in one call, with the row
 search's arithmetic and result (tested: the same pairs and values): every point's squared norm
 and EE Eq. 2's scale; the originals' inner products with every point (G Wᵀ) with the points
-ordered class by class; every point of every class but the largest against all points, the
-values of one row point at a time reduced over each class's segment; the largest class's pairs
-from the other side; the diagonal. Loops compiled to machine code, no Python in them; the first
-best pair of a class pair is kept as the row search keeps it (the lowest column point, then the
-lowest row point), so no [C, M] table or index list is built.
+ordered class by class; every point against the points of the classes after its own (each class
+pair once, where the row search computes both directions but the largest class's), the values of
+one point at a time reduced over each class's segment; the diagonal. Loops compiled to machine
+code, no Python in them; for each class pair the kernel keeps the pairs the row search's tie
+rules pick (the lowest column point, then the lowest row point; the largest class's pairs from
+the other class's side), so no [C, M] table or index list is built.
 """
 from __future__ import annotations
 
@@ -77,48 +78,60 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
         g = gram[j]
         for q in range(m):
             gt[j, q] = g[f_o[q]] * wf_o[q] + g[s_o[q]] * ws_o[q]
-    worst = -np.inf if inverted else np.inf
-    best = np.full((c, c), worst, gram.dtype)
-    rows = np.zeros((c, c), np.int64)
-    cols = np.zeros((c, c), np.int64)
     sign = 1.0 if inverted else -1.0  # hardness h = ±v: larger is harder
+    # every class pair x < y once, from x's points: the best hardness and two of the pairs attaining
+    # it, the lowest point of y first (then of x) and the lowest point of x first (then of y); the
+    # row search's first best pair of [x, y] is the first, of [y, x] the second
+    hard = np.full((c, c), -np.inf, gram.dtype)
+    low_y = np.zeros((2, c, c), np.int64)  # (point of x, point of y)
+    low_x = np.zeros((2, c, c), np.int64)
     h = np.empty(m, gram.dtype)
-    for r in range(m):  # every point of every class but the largest against every other class's points
+    for i in range(m):  # points class by class, batch order inside, against the later classes' points
+        r = order[i]
         x = point_class[r]
-        if x == largest:
-            continue
+        lo = start[x + 1]
         gf, gs, wf, ws, sq_r = gt[first[r]], gt[second[r]], weights[0, r], weights[1, r], sq[r]
-        for q in range(m):
+        for q in range(lo, m):
             h[q] = gf[q] * wf + gs[q] * ws
         if off_sphere:
-            for q in range(m):
+            for q in range(lo, m):
                 d = sq_r + sq_o[q] - 2 * h[q]
                 h[q] = math.sqrt(max(d, tiny)) if d > 0 else 0.0
         if pw != 1.0:
-            for q in range(m):
+            for q in range(lo, m):
                 h[q] = h[q] ** pw
         if sign < 0:
-            for q in range(m):
+            for q in range(lo, m):
                 h[q] = -h[q]
-        for y in range(c):
-            if y == x or start[y] == start[y + 1]:
-                continue
-            lo, hi = start[y], start[y + 1]
-            bh = segment_max(h, lo, hi)
-            current = sign * best[x, y]
+        for y in range(x + 1, c):
+            s0, s1 = start[y], start[y + 1]
+            bh = segment_max(h, s0, s1)
+            current = hard[x, y]
             if bh < current:
                 continue
-            q = lo
-            while q < hi and h[q] != bh:  # the first point attaining it (none: NaN values)
+            q = s0
+            while q < s1 and h[q] != bh:  # the first point attaining it (none: NaN values)
                 q += 1
-            if q == hi:
+            if q == s1:
                 continue
             p = order[q]
-            if bh > current or p < cols[x, y]:  # on a tie, the row search's first best: lowest column point
-                best[x, y], rows[x, y], cols[x, y] = sign * bh, r, p
-    for y in range(c):  # the largest class's pairs from the other side
-        if y != largest:
-            best[largest, y], rows[largest, y], cols[largest, y] = best[y, largest], cols[y, largest], rows[y, largest]
+            if bh > current:
+                hard[x, y] = bh
+                low_y[0, x, y] = low_x[0, x, y] = r
+                low_y[1, x, y] = low_x[1, x, y] = p
+            elif p < low_y[1, x, y]:  # a tie: this row reaches a lower point of y (low_x keeps its lower row)
+                low_y[0, x, y], low_y[1, x, y] = r, p
+    best = np.empty((c, c), gram.dtype)
+    rows = np.zeros((c, c), np.int64)
+    cols = np.zeros((c, c), np.int64)
+    for x in range(c):
+        for y in range(x + 1, c):
+            best[x, y] = best[y, x] = sign * hard[x, y]
+            # the row search takes the largest class's pairs from the other class's side, both ways
+            pair = low_x if x == largest else low_y
+            rows[x, y], cols[x, y] = pair[0, x, y], pair[1, x, y]
+            pair = low_y if y == largest else low_x
+            rows[y, x], cols[y, x] = pair[1, x, y], pair[0, x, y]
     for x in range(c):  # every class against itself: its first original
         i = first_index[x]
         v = sq[i]

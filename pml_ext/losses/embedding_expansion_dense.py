@@ -160,34 +160,40 @@ def _dense_contrastive(loss, hb: HardenedBatch, labels):
 
 
 def _npair_structure(layout: F.BatchLayout):
-    """PML's N-pair choice: for every class with a positive pair, its first two samples."""
-    c = layout.num_classes
+    """PML's N-pair choice, for every class with a positive pair its first two samples (a, p), in
+    class order, with what the dense loss reads per call: the flat indices of (a, p) in the [B, B]
+    matrix and of the anchors' class pairs in the [C, C] hardest values, the [n, n] diagonal and
+    the cross-entropy's targets."""
+    c, b = layout.num_classes, layout.classes.numel()
     members = layout.originals.view(c, -1) if c else layout.originals.view(0, 1)  # batch order inside each class
     if members.shape[1] < 2:
-        empty = members.new_empty(0)
-        return empty, empty
+        return None
     has_pair = torch.bincount(layout.classes, minlength=c) > 1
-    return members[has_pair, 0], members[has_pair, 1]
+    a, p = members[has_pair, 0], members[has_pair, 1]
+    if a.numel() == 0:
+        return None
+    ca = layout.classes[a]
+    n = a.numel()
+    return (a, a * b + p, ca[:, None] * c + ca[None, :], torch.eye(n, dtype=torch.bool, device=a.device),
+            torch.arange(n, device=a.device))
 
 
 def _dense_npairs(loss, hb: HardenedBatch, labels):
     """NPairsLoss: PML's anchors and positives (lmu.convert_to_pos_pairs_with_unique_labels:
     the first two samples of each class, ordered by label), the cross-entropy over their
     hardened similarity matrix."""
-    a, p = hb.layout.extra("npairs", _npair_structure)
-    loss.num_pairs = len(a)
+    structure = hb.layout.extra("npairs", _npair_structure)
+    loss.num_pairs = 0 if structure is None else len(structure[0])
     if loss.num_pairs == 0:
         return loss.zero_losses()
-    order = torch.argsort(labels[a])
-    a, p = a[order], p[order]
+    a, ap_flat, class_pairs, eye, targets = structure
     # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive on
     # its diagonal and its class pair's hardest value everywhere else: no [B, B] matrix needed
-    ca = hb.classes[a]
-    eye = torch.eye(len(a), dtype=torch.bool, device=a.device)
-    c = hb.hardest.shape[0]
-    sim = torch.where(eye, F.take(hb.originals_mat, a * len(labels) + p)[:, None],
-                      F.take(hb.hardest, ca[:, None] * c + ca[None, :]))
+    sim = torch.where(eye, F.take(hb.originals_mat, ap_flat)[:, None], F.take(hb.hardest, class_pairs))
     if not loss.distance.is_inverted:
         sim = -sim
-    targets = torch.arange(len(a), device=sim.device)
-    return {"loss": {"losses": loss.cross_entropy(sim, targets), "indices": a, "reduction_type": "element"}}
+    # in class order (cached per label pattern), then in PML's order, by label: each anchor's loss
+    # reads only its own row
+    order = torch.argsort(labels.index_select(0, a))
+    per_anchor = loss.cross_entropy(sim, targets).index_select(0, order)
+    return {"loss": {"losses": per_anchor, "indices": a.index_select(0, order), "reduction_type": "element"}}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -250,7 +251,7 @@ def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
     # conversion); only when it is not (NaN or inf, or finite values that overflowed it) does the
     # elementwise check decide.
     x = embeddings.detach()
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not math.isfinite(x.sum().item()) and not bool(torch.isfinite(x).all()):
         raise ValueError("embeddings contain NaN or inf")
 
 
