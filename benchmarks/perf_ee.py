@@ -195,10 +195,10 @@ def main(argv=None):
         CLOCK = time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pml_ext.functional import embedding_expansion_rows as rows
+    from pml_ext.functional import compiled as compiled_switch
 
-    rows._COMPILED = args.compiled
-    kernel = "compiled (numba)" if rows.compiled_available() else "tensor operations"
+    compiled_switch._COMPILED = args.compiled
+    kernel = "compiled (numba)" if compiled_switch.compiled_available() else "tensor operations"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
           f"clock {args.clock}, row search: {kernel}")
     if args.scaling:
@@ -262,6 +262,7 @@ def search_paths(args):
     per-pattern structures, as training pays them there."""
     from pytorch_metric_learning import distances
 
+    from pml_ext.functional import compiled as compiled_switch
     from pml_ext.functional import embedding_expansion_groups as groups
     from pml_ext.functional import embedding_expansion_rows as rows
 
@@ -284,19 +285,19 @@ def search_paths(args):
             c, kk, k = layout.num_classes, int(sizes.max()), int(torch.bincount(layout.classes).max())
             blocked_entries = (c * kk) * (c * kk + c * k)
             times = []
-            compiled = rows.compiled_available()
+            compiled = compiled_switch.compiled_available()
             for path in ("blocked", "groups", "rows", "rows-compiled"):
                 if (path == "blocked" and blocked_entries > 3e8) or (path == "rows-compiled" and not compiled):
                     times.append(float("nan"))  # minutes per call; no numba
                     continue
                 ee_functional._SEARCH = "rows" if path == "rows-compiled" else path
-                rows._COMPILED = "auto" if path == "rows-compiled" else "off"
+                compiled_switch._COMPILED = "auto" if path == "rows-compiled" else "off"
                 try:
                     times.append(time_interleaved([search(layout, comp not in BALANCED)], x, y,
                                                   max(3, args.repeats // 2), args.device)[0])
                 finally:
                     ee_functional._SEARCH = "auto"
-                    rows._COMPILED = "auto" if compiled else "off"
+                    compiled_switch._COMPILED = "auto" if compiled else "off"
             choice = ee_functional.search_path(layout)
             print(f"{comp:<15}{n:>3} {pairs:<9}{int(sizes.sum()):>6}{blocked_entries:>16}"
                   f"{groups.class_groups(layout).entries():>16}{rows.row_entries(layout):>12}"

@@ -61,9 +61,9 @@ def main(argv=None):
     loss = EmbeddingExpansionLoss(losses.MultiSimilarityLoss(), n_points=args.n_points)
     miner = miners.MultiSimilarityMiner()
     times = {s: [] for s in SEARCHES}
-    from pml_ext.functional import embedding_expansion_rows as rows
+    from pml_ext.functional import compiled as compiled_switch
 
-    compiled, rows._COMPILED = rows._COMPILED, "off"
+    compiled, compiled_switch._COMPILED = compiled_switch._COMPILED, "off"
     try:
         for y, _ in found:
             for search in rng.sample(SEARCHES, len(SEARCHES)):
@@ -75,7 +75,7 @@ def main(argv=None):
                 loss(e, y, tuples).backward()
                 times[search].append(time.thread_time() - t0)
     finally:
-        ee_functional._SEARCH, rows._COMPILED = "auto", compiled
+        ee_functional._SEARCH, compiled_switch._COMPILED = "auto", compiled
     entries = [e for _, e in found]
     faster = sum(r < g for r, g in zip(times["rows"], times["groups"]))
     print(f"{args.composition} n={args.n_points}: {len(found)} patterns, R·M {min(entries)}-{max(entries)}; MS + miner "

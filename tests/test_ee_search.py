@@ -9,6 +9,7 @@ import torch
 from pytorch_metric_learning import distances, losses
 
 import pml_ext.functional as F
+import pml_ext.functional.compiled as K
 import pml_ext.functional.embedding_expansion as E
 import pml_ext.functional.embedding_expansion_groups as G
 import pml_ext.functional.embedding_expansion_rows as R
@@ -50,7 +51,7 @@ def search(monkeypatch):
     def force(path, group_cost=0):
         if path == "rows-compiled" and not NUMBA:
             pytest.skip("numba is not installed (pip install pml_ext[fast])")
-        monkeypatch.setattr(R, "_COMPILED", "auto" if path == "rows-compiled" else "off")
+        monkeypatch.setattr(K, "_COMPILED", "auto" if path == "rows-compiled" else "off")
         monkeypatch.setattr(E, "_SEARCH", "rows" if path == "rows-compiled" else path)
         monkeypatch.setattr(G, "_GROUP_COST", group_cost)
         E._LAYOUT_CACHE.clear()  # layouts cache their groups
@@ -232,7 +233,7 @@ def test_cost_model_blocked_for_balanced_batches_grouped_for_unequal_or_many_poi
 
 def test_search_path_blocked_for_equal_classes_rows_for_small_unequal_sets_groups_for_large(monkeypatch):
     """The cost model with tensor operations only (no numba kernel)."""
-    monkeypatch.setattr(R, "_COMPILED", "off")
+    monkeypatch.setattr(K, "_COMPILED", "off")
     g = torch.Generator().manual_seed(0)
     balanced = torch.arange(32).repeat_interleave(4)
     zipf = torch.multinomial(1 / torch.arange(1, 61, dtype=torch.float64), 128, replacement=True, generator=g)
@@ -253,7 +254,7 @@ def test_search_path_blocked_for_equal_classes_rows_for_small_unequal_sets_group
 def test_search_path_compiled_rows_up_to_many_entries_then_groups(monkeypatch):
     """With the compiled row search: rows for balanced and unequal batches alike, groups beyond
     _COMPILED_MAX_ENTRIES; half precision (no kernel) keeps the tensor-operation model."""
-    monkeypatch.setattr(R, "_COMPILED", "auto")
+    monkeypatch.setattr(K, "_COMPILED", "auto")
     g = torch.Generator().manual_seed(0)
     balanced = torch.arange(32).repeat_interleave(4)
     random40 = torch.randint(0, 40, (128,), generator=g)
@@ -371,14 +372,24 @@ def test_unbalanced_batches_are_built_directly():
     assert balanced_layout(classes, num, 2, "all", torch.float32) is None
 
 
+def _compiled(monkeypatch, mode):
+    """Switch the compiled kernels on ("auto"; skip without numba) or off."""
+    if mode == "auto" and not NUMBA:
+        pytest.skip("numba is not installed (pip install pml_ext[fast])")
+    monkeypatch.setattr(K, "_COMPILED", mode)
+
+
 @pytest.mark.parametrize("pairs", ["all", "adjacent"])
 @pytest.mark.parametrize("n", [0, 1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_numpy_layout_equals_the_direct_construction(pairs, n, dtype):
-    """A new unbalanced label pattern on CPU is built with NumPy: field by field the layout built
-    with tensor operations (expanded set in the batch's order, slots, weights, masks)."""
+@pytest.mark.parametrize("compiled", ["off", "auto"])
+def test_numpy_layout_equals_the_direct_construction(monkeypatch, pairs, n, dtype, compiled):
+    """A new unbalanced label pattern on CPU is built from NumPy arrays, by NumPy calls or by the
+    compiled loops: field by field the layout built with tensor operations (expanded set in the
+    batch's order, slots, weights, masks)."""
     from pml_ext.functional.embedding_expansion_layouts import numpy_layout
 
+    _compiled(monkeypatch, compiled)
     g = torch.Generator().manual_seed(20 + n)
     for trial in range(20):
         b, c = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
@@ -393,15 +404,18 @@ def test_numpy_layout_equals_the_direct_construction(pairs, n, dtype):
             assert u.dtype == v.dtype and torch.equal(u, v), name
 
 
-def test_first_appearance_numbering_matches_a_loop():
+@pytest.mark.parametrize("compiled", ["off", "auto"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_first_appearance_numbering_matches_a_loop(monkeypatch, compiled, dtype):
     """Classes numbered in order of first appearance, and each class's first position (NumPy, one
-    stable sort), for any label values."""
+    stable sort, or compiled loops), for any label values."""
     from pml_ext.functional.embedding_expansion_layouts import _first_appearance_numpy
 
+    _compiled(monkeypatch, compiled)
     g = torch.Generator().manual_seed(21)
     for trial in range(30):
         b = int(torch.randint(1, 60, (1,), generator=g))
-        labels = torch.randint(-5, int(torch.randint(1, 30, (1,), generator=g)), (b,), generator=g)
+        labels = torch.randint(-5, int(torch.randint(1, 30, (1,), generator=g)), (b,), generator=g).to(dtype)
         ids, want = {}, []
         for v in labels.tolist():
             want.append(ids.setdefault(v, len(ids)))
@@ -433,7 +447,7 @@ def test_a_new_pattern_keeps_its_large_structures_only_once_it_recurs(monkeypatc
     (Contrastive's pairs, Triplet's triplets) and the row plan (of the row search with tensor
     operations) are not kept in the layout cache until the pattern comes back, so the cache does
     not fill with lists never read again."""
-    monkeypatch.setattr(R, "_COMPILED", "off")
+    monkeypatch.setattr(K, "_COMPILED", "off")
     g = torch.Generator().manual_seed(23)
     x, y = torch.randn(48, 8, generator=g), torch.randint(0, 12, (48,), generator=g)
     E._LAYOUT_CACHE.clear()
@@ -513,7 +527,7 @@ def _search_both_ways(monkeypatch, x, y, dist, n, pairs, normalize):
     """(tensor-operation row search, compiled row search) of one batch, HardestPairs each."""
     out = []
     for mode in ("off", "auto"):
-        monkeypatch.setattr(R, "_COMPILED", mode)
+        monkeypatch.setattr(K, "_COMPILED", mode)
         monkeypatch.setattr(E, "_SEARCH", "rows")
         E._LAYOUT_CACHE.clear()
         layout = F.batch_layout(y, n, pairs, x.dtype)
@@ -576,8 +590,8 @@ def test_compiled_row_search_steps_aside_where_it_cannot_run(monkeypatch):
     layout = F.batch_layout(y, 2, "all", torch.bfloat16)
     gram = torch.eye(6, dtype=torch.bfloat16)
     assert compiled_row_search(gram, layout, "inner", dist, True, True) is None
-    monkeypatch.setattr(R, "_COMPILED", "off")
+    monkeypatch.setattr(K, "_COMPILED", "off")
     layout = F.batch_layout(y, 2, "all", torch.float32)
     assert compiled_row_search(gram.float(), layout, "inner", dist, True, True) is None
-    assert not R.compiled_available()
+    assert not K.compiled_available()
     E._LAYOUT_CACHE.clear()

@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .compiled import compiled_available
 from .embedding_expansion import ExpandedSet, _class_slots, expand
 
 __all__ = ["BatchLayout", "batch_layout", "first_appearance_classes"]
@@ -148,7 +149,12 @@ def first_appearance_classes(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
 
 def _first_appearance_numpy(lab: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(class of every sample, numbered by first appearance; each class's first position) of
-    non-empty labels, by one stable sort (a new label pattern pays this every step)."""
+    non-empty labels, by one stable sort (a new label pattern pays this every step); with numba
+    installed by compiled loops (the same arrays)."""
+    if compiled_available() and lab.dtype.kind in "iu":
+        from .embedding_expansion_layouts_kernel import first_appearance
+
+        return first_appearance(lab)
     b = lab.size
     order = np.argsort(lab, kind="stable")
     sorted_lab = lab[order]
@@ -222,12 +228,39 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def numpy_layout(classes: torch.Tensor, c: int, n_points: int, pairs: str, dtype) -> BatchLayout:
-    """The :class:`BatchLayout` of CPU labels built with NumPy, field by field the one
+    """The :class:`BatchLayout` of CPU labels built from NumPy arrays, field by field the one
     ``BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))`` builds (tested): a new
-    label pattern (every step for random batches) pays ~30 NumPy calls on a few hundred integers
-    instead of ~60 tensor operations, each with its fixed cost. ``classes`` numbers classes by
-    first appearance; ``dtype`` float32 or float64."""
+    label pattern (every step for random batches) pays ~40 NumPy calls on a few hundred integers
+    instead of ~60 tensor operations, each with its fixed cost, or with numba installed one call
+    of compiled loops (:func:`~pml_ext.functional.embedding_expansion_layouts_kernel.layout_arrays`,
+    the same arrays). ``classes`` numbers classes by first appearance; ``dtype`` float32 or float64."""
     cls = classes.numpy()
+    np_dtype = _NUMPY_DTYPES[dtype]
+    w = np.arange(1, n_points + 1, dtype=np_dtype) / np_dtype(n_points + 1)  # EE Eq. 1, as expansion_weights
+    if compiled_available() and cls.size:
+        from .embedding_expansion_layouts_kernel import layout_arrays
+
+        arrays = layout_arrays(cls, c, n_points, pairs == "all", w)
+    else:
+        arrays = _layout_arrays(cls, c, n_points, pairs, w)
+    (first, second, w_first, w_second, point_class, is_synthetic, first_index, original_slots, class_sizes,
+     negative, positive, pair_index, class_eye) = arrays
+    t = torch.from_numpy
+    ex = ExpandedSet(t(first), t(second), t(w_first), t(w_second), t(point_class), t(is_synthetic), cls.size)
+    layout = BatchLayout.__new__(BatchLayout)
+    # the NumPy arrays the row search starts from (embedding_expansion_rows)
+    extras = {"numpy": (first, second, w_first, w_second, point_class, class_sizes)}
+    layout.__dict__.update(classes=classes, num_classes=c, expanded=ex, _extras=extras, uses=0,
+                           first_index=t(first_index), _original_slots=t(original_slots), class_sizes=t(class_sizes),
+                           # the [B, B] masks most losses read, here rather than lazily by tensor operations
+                           negative=t(negative), positive=t(positive), pair_index=t(pair_index),
+                           class_eye=t(class_eye))
+    return layout
+
+
+def _layout_arrays(cls: np.ndarray, c: int, n_points: int, pairs: str, w: np.ndarray):
+    """:func:`numpy_layout`'s arrays by NumPy calls (the tuple
+    :func:`~pml_ext.functional.embedding_expansion_layouts_kernel.layout_arrays` returns)."""
     b = cls.size
     counts = np.bincount(cls, minlength=c)
     order = np.argsort(cls, kind="stable")  # class by class, batch order inside
@@ -246,34 +279,23 @@ def numpy_layout(classes: torch.Tensor, c: int, n_points: int, pairs: str, dtype
     else:  # the 1st and 2nd sample of a class, the 3rd and 4th, ...: by class, then batch order
         starts_of_pairs = np.nonzero((slot % 2 == 0) & (slot + 1 < counts[sorted_cls]))[0]
         pi, pj = order[starts_of_pairs], order[starts_of_pairs + 1]
-    np_dtype = _NUMPY_DTYPES[dtype]
-    w = np.arange(1, n_points + 1, dtype=np_dtype) / np_dtype(n_points + 1)  # EE Eq. 1, as expansion_weights
     m = b + pi.size * n_points
     first, second = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
     first[:b] = second[:b] = np.arange(b)
-    w_first = np.ones(m, dtype=np_dtype)
+    w_first = np.ones(m, dtype=w.dtype)
     if n_points:  # pair-major, k-minor
         first[b:].reshape(-1, n_points)[:] = pi[:, None]
         second[b:].reshape(-1, n_points)[:] = pj[:, None]
         w_first[b:].reshape(-1, n_points)[:] = w
     w_second = 1 - w_first
     point_class = cls[first]
-    t = torch.from_numpy
-    ex = ExpandedSet(t(first), t(second), t(w_first), t(w_second), t(point_class), t(np.arange(m) >= b), b)
     negative = cls[:, None] != cls[None, :]
     positive = ~negative
     np.fill_diagonal(positive, False)
-    layout = BatchLayout.__new__(BatchLayout)
-    class_sizes = np.bincount(point_class, minlength=c)
-    # the NumPy arrays the row search's plan starts from (embedding_expansion_rows)
-    extras = {"numpy": (first, second, w_first, w_second, point_class, class_sizes)}
-    layout.__dict__.update(classes=classes, num_classes=c, expanded=ex, _extras=extras, uses=0,
-                           first_index=t(order[starts] if b else np.zeros(c, dtype=np.int64)),
-                           _original_slots=t(original_slots), class_sizes=t(class_sizes),
-                           # the [B, B] masks most losses read, here rather than lazily by tensor operations
-                           negative=t(negative), positive=t(positive), pair_index=t(cls[:, None] * c + cls[None, :]),
-                           class_eye=t(np.eye(c, dtype=bool)))
-    return layout
+    first_index = order[starts] if b else np.zeros(c, dtype=np.int64)
+    return (first, second, w_first, w_second, point_class, np.arange(m) >= b, first_index, original_slots,
+            np.bincount(point_class, minlength=c), negative, positive, cls[:, None] * c + cls[None, :],
+            np.eye(c, dtype=bool))
 
 
 def _lru_get(cache: "OrderedDict", key: tuple, size: int, build):

@@ -32,7 +32,6 @@ part runs as one compiled kernel instead (:mod:`~pml_ext.functional.embedding_ex
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -40,10 +39,11 @@ import torch
 
 from . import embedding_expansion as _ee
 from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, take
+from .compiled import compiled_available
 from .embedding_expansion_pairs import point_pair_values, scaled_points, search_values
 from .primitives import segment_best
 
-__all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "compiled_available", "compiled_row_search",
+__all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "compiled_row_search",
            "hardest_negative_pairs_in_rows"]
 
 # bound on the transient [rows, M] block, in entries (256 kB in float32): with 1 << 18, peak memory
@@ -67,20 +67,6 @@ _ROWS_MAX_ENTRIES = 2_000_000
 # (12.9M) 14.02 vs 13.50 (grouped): one pass over R·M entries against batched products whose cost
 # grows more slowly with many points per class.
 _COMPILED_MAX_ENTRIES = 10_000_000
-
-
-# "auto": the compiled kernel (embedding_expansion_rows_kernel) where numba is installed; "off":
-# tensor operations everywhere (tests, benchmarks)
-_COMPILED = "auto"
-_NUMBA: Optional[bool] = None  # whether numba is installed, looked up once
-
-
-def compiled_available() -> bool:
-    """Whether the row search runs as one compiled kernel on CPU (numba installed, not switched off)."""
-    global _NUMBA
-    if _NUMBA is None:
-        _NUMBA = importlib.util.find_spec("numba") is not None
-    return _COMPILED == "auto" and _NUMBA
 
 
 def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normalize: bool, normalizing: bool
