@@ -81,10 +81,8 @@ def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normali
         return None
     from .embedding_expansion_rows_kernel import row_search  # imports numba (~0.3 s, once)
 
-    first, second, w_first, w_second, point_class, sizes = _layout_arrays(layout)
-    np_dtype = np.float32 if gram.dtype == torch.float32 else np.float64
-    if w_first.dtype != np_dtype:  # a layout of another dtype's weights
-        w_first, w_second = w_first.astype(np_dtype), w_second.astype(np_dtype)
+    first, second, point_class, sizes = _index_arrays(layout)
+    w_first, w_second = _weight_arrays(layout, gram.dtype)
     largest = int(np.argmax(sizes)) if sizes.size else 0  # the first largest, as row_plan
     out = row_search(gram.numpy(), first, second, w_first, w_second, point_class, layout.first_index.numpy(),
                      layout.num_classes, largest, normalizing, kind == "euclidean", normalize,
@@ -92,16 +90,25 @@ def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normali
     return (*(torch.from_numpy(a) for a in out[:5]), bool(out[5]))
 
 
-def _layout_arrays(layout):
-    """(first, second, w_first, w_second, point_class, class_sizes) of a CPU layout as NumPy arrays
-    (the ones numpy_layout keeps, else views of its tensors)."""
+def _index_arrays(layout):
+    """(first, second, point_class, class_sizes) of a layout as NumPy arrays: the ones numpy_layout
+    keeps, else from its tensors."""
     arrays = layout._extras.get("numpy")  # numpy_layout's
     if arrays is not None:
-        return arrays
+        first, second, _, _, point_class, sizes = arrays
+        return first, second, point_class, sizes
     ex = layout.expanded
-    first = ex.first.numpy()
-    return (first, ex.second.numpy(), ex.w_first.numpy(), ex.w_second.numpy(), layout.classes.numpy()[first],
-            layout.class_sizes.numpy())
+    first = ex.first.cpu().numpy()
+    return first, ex.second.cpu().numpy(), layout.classes.cpu().numpy()[first], layout.class_sizes.cpu().numpy()
+
+
+def _weight_arrays(layout, dtype: torch.dtype):
+    """(w_first, w_second) of a layout as NumPy arrays of ``dtype`` (float32 or float64)."""
+    arrays = layout._extras.get("numpy")
+    if arrays is not None and arrays[2].dtype == (np.float32 if dtype == torch.float32 else np.float64):
+        return arrays[2], arrays[3]
+    ex = layout.expanded
+    return ex.w_first.to(dtype).cpu().numpy(), ex.w_second.to(dtype).cpu().numpy()
 
 
 class _CompiledPairValues(torch.autograd.Function):
@@ -133,7 +140,7 @@ def compiled_pair_values(gram: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
                          sq: torch.Tensor, normalizing: bool, kind: str, power) -> torch.Tensor:
     """[C, C] values of the pairs (``rows``, ``cols``) that :func:`compiled_row_search` selected,
     differentiable through ``gram`` (CPU, float32 / float64; the caller checked)."""
-    first, second = _layout_arrays(layout)[:2]
+    first, second = _index_arrays(layout)[:2]
     m = first.shape[0]
     synthetic_from = layout.expanded.num_originals if normalizing else m
     return _CompiledPairValues.apply(gram, rows, cols, first, second, weights, sq, synthetic_from,
@@ -195,12 +202,7 @@ def _build_plan(layout) -> RowPlan:
     NumPy arrays a layout built with NumPy keeps; the weights in the layout's dtype."""
     ex, device = layout.expanded, layout.classes.device
     b, m = ex.num_originals, ex.labels.numel()
-    arrays = layout._extras.get("numpy")  # numpy_layout's
-    if arrays is not None:
-        f, s, wf, ws, point_class, sizes = arrays
-    else:
-        f, s = ex.first.cpu().numpy(), ex.second.cpu().numpy()
-        point_class, sizes = layout.classes.cpu().numpy()[f], layout.class_sizes.cpu().numpy()
+    f, s, point_class, sizes = _index_arrays(layout)
     largest = int(np.argmax(sizes)) if layout.num_classes else 0  # the first largest
     rows = np.flatnonzero(point_class != largest)
     row_ends = np.stack([f[rows], s[rows]])
@@ -208,7 +210,8 @@ def _build_plan(layout) -> RowPlan:
     def t(a):
         return torch.from_numpy(a).to(device)
 
-    if arrays is not None:  # float32 or float64: NumPy too
+    if "numpy" in layout._extras:  # float32 or float64: NumPy too
+        wf, ws = _weight_arrays(layout, ex.w_first.dtype)
         weights, norm_weights = t(np.stack([wf, ws])), t(np.stack([wf * wf, 2 * wf * ws, ws * ws]))
     else:  # any dtype (bfloat16 has no NumPy type)
         wf, ws = ex.w_first, ex.w_second
