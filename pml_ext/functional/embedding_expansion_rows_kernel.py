@@ -36,12 +36,13 @@ def segment_max(h, lo, hi):
 
 @numba.njit(cache=True, nogil=True)
 def row_search(gram, first, second, w_first, w_second, point_class, first_index, num_classes, largest,
-                normalizing, euclidean, normalize, distance_normalizes, distance_inverted, power):
+               normalizing, euclidean, normalize, distance_normalizes, distance_inverted, power):
     """``(best, rows, cols, weights, sq, inverted)``: see
     :func:`~pml_ext.functional.embedding_expansion_rows.compiled_row_search`. ``gram`` [B, B] the
     originals' Gram matrix; ``first``/``second``/``w_first``/``w_second`` [M] every point's
     endpoints and EE Eq. 1 weights; ``point_class`` [M]; ``first_index`` [C] each class's first
-    original; ``largest`` the class searched from the other side."""
+    original; ``largest`` the class whose pairs the tensor row search takes from the other class's
+    side (which decides their ties)."""
     b, m, c = gram.shape[0], first.shape[0], num_classes
     weights = np.empty((2, m), gram.dtype)
     sq = np.empty(m, gram.dtype)
