@@ -569,16 +569,25 @@ def test_selection_ratio_matches_brute_force(classes):
     lambda: losses.TripletMarginLoss(margin=0.2, smooth_loss=True),
     lambda: losses.TripletMarginLoss(margin=0.2, distance=distances.CosineSimilarity()),
 ])
-@pytest.mark.parametrize("flat", [0.0, 2.0])  # never / always the gathered triplets
-def test_dense_triplet_by_gathered_triplets_equals_pml(monkeypatch, make, flat):
-    """The dense Triplet path on a long-tailed batch, through the [B, P, B] box or the triplets'
-    flat indices, gives what PML computes through its index lists (values and gradients)."""
+@pytest.mark.parametrize("flat, compiled, kind", [(0.0, "auto", "box"), (2.0, "off", "flat"), (2.0, "auto", "lists")])
+def test_dense_triplet_by_gathered_triplets_equals_pml(monkeypatch, make, flat, compiled, kind):
+    """The dense Triplet path on a long-tailed batch, through the [B, P, B] box, the triplets' flat
+    indices, or the triplet lists and gathers of compiled loops (numba), gives what PML computes
+    through its index lists (triplets in PML's order, values and gradients)."""
+    import pml_ext.functional.compiled as K
     import pml_ext.losses.embedding_expansion_dense as L
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+    if compiled == "auto" and not K.compiled_available():
+        pytest.skip("numba is not installed (pip install pml_ext[fast])")
     monkeypatch.setattr(L, "_FLAT_TRIPLETS", flat)
+    monkeypatch.setattr(K, "_COMPILED", compiled)
     F.embedding_expansion._LAYOUT_CACHE.clear()
     x, y = batch(seed=18, classes=(0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 4))
+    layout = F.batch_layout(y, 2, "all", x.dtype)
+    structure = L._triplet_structure(layout)
+    assert structure[0] == kind
+    assert all(torch.equal(u, v) for u, v in zip(structure[1], lmu.get_all_triplets_indices(y)))
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     dense = EmbeddingExpansionLoss(make())(x1, y)
     generic = EmbeddingExpansionLoss(make())(x2, y, lmu.get_all_triplets_indices(y))
@@ -586,6 +595,11 @@ def test_dense_triplet_by_gathered_triplets_equals_pml(monkeypatch, make, flat):
     dense.backward()
     generic.backward()
     assert torch.allclose(x1.grad, x2.grad, atol=1e-10)
+    half = x.to(torch.bfloat16).requires_grad_(True)  # the triplet lists with tensor gathers (no NumPy type)
+    got = EmbeddingExpansionLoss(make())(half, y)
+    got.backward()
+    assert got.double().item() == pytest.approx(dense.item(), rel=5e-2, abs=1e-2)
+    assert torch.isfinite(half.grad).all()
     F.embedding_expansion._LAYOUT_CACHE.clear()
 
 

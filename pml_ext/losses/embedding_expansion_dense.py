@@ -52,23 +52,30 @@ def dense_loss(loss, indices_tuple):
 
 
 def _triplet_structure(layout: F.BatchLayout):
-    """Positives of every anchor padded to P slots, the (a, p, n) triplets in PML's order, and
-    (when the padded box is mostly empty) their flat indices into the [B, B] matrix."""
-    pos = layout.positive
+    """The (a, p, n) triplets in PML's order and how the loss reads their values: ``("box",
+    triplets, pos_idx, valid)``, positives of every anchor padded to P slots and the [B, P, B] mask
+    of valid (a, slot, n); or, when that box is mostly empty (long-tailed classes: P is the largest
+    class's), ``("lists", triplets)`` built by compiled loops where they run, else ``("flat",
+    triplets, (ap, an))`` with the triplets' flat indices into the [B, B] matrix."""
+    pos, neg = layout.positive, layout.negative
     p = int(pos.sum(1).max()) if pos.numel() else 0
-    if p == 0 or not bool(layout.negative.any()):
+    if p == 0 or not bool(neg.any()):
         return None
+    b = pos.shape[0]
+    sparse = int((pos.sum(1) * neg.sum(1)).sum()) < _FLAT_TRIPLETS * b * p * b
+    if sparse and layout.classes.device.type == "cpu" and F.compiled_available():
+        from ..functional.embedding_expansion_layouts_kernel import all_triplets
+
+        return "lists", tuple(torch.from_numpy(t) for t in all_triplets(layout.classes.numpy()))
     pos8 = pos.to(torch.uint8)
     pos_idx = torch.sort(pos8, dim=1, descending=True, stable=True).indices[:, :p]
     # [B, P, B] as a uint8 product viewed as bool (the bool broadcast & is ~15x slower on CPU)
-    valid = (pos8.gather(1, pos_idx)[:, :, None] * layout.negative.to(torch.uint8)[:, None, :]).view(torch.bool)
+    valid = (pos8.gather(1, pos_idx)[:, :, None] * neg.to(torch.uint8)[:, None, :]).view(torch.bool)
     a, slot, n = valid.nonzero(as_tuple=True)
     pp = pos_idx.reshape(-1)[a * p + slot]
-    b = pos.shape[0]
-    # a mostly empty [B, P, B] box (long-tailed classes: P is the largest class's): the triplets'
-    # flat indices into the [B, B] matrix instead
-    flat = (a * b + pp, a * b + n) if a.numel() < _FLAT_TRIPLETS * valid.numel() else None
-    return pos_idx, valid, (a, pp, n), flat
+    if sparse:
+        return "flat", (a, pp, n), (a * b + pp, a * b + n)
+    return "box", (a, pp, n), pos_idx, valid
 
 
 _FLAT_TRIPLETS = 0.35  # below this fraction of valid (a, slot, n) entries, gather the triplets
@@ -94,16 +101,43 @@ class _TwoGathers(torch.autograd.Function):
         return grad.view(ctx.shape), None, None
 
 
+class _TripletGathers(torch.autograd.Function):
+    """``(mat[a, p], mat[a, n])`` of a CPU float32 / float64 matrix by compiled loops, and their
+    gradient into one [B, B] buffer (no flat index lists)."""
+
+    @staticmethod
+    def forward(ctx, mat, a, p, n):
+        from ..functional.embedding_expansion_layouts_kernel import gather_triplets
+
+        ctx.lists, ctx.b = (a.numpy(), p.numpy(), n.numpy()), mat.shape[0]
+        return tuple(torch.from_numpy(v) for v in gather_triplets(mat.detach().numpy(), *ctx.lists))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_ap, g_an):
+        from ..functional.embedding_expansion_layouts_kernel import gather_triplets_backward
+
+        grad = gather_triplets_backward(g_ap.contiguous().numpy(), g_an.contiguous().numpy(), *ctx.lists, ctx.b)
+        return torch.from_numpy(grad), None, None, None
+
+
 def _dense_triplet(loss, hb: HardenedBatch, labels):
-    """TripletMarginLoss over all (a, p, n): [B, P, B] with P = most positives of an anchor."""
+    """TripletMarginLoss over all (a, p, n), from the [B, B] hardened matrix (structure: above)."""
     structure = hb.layout.extra("triplet", _triplet_structure, keep=False)
     if structure is None:
         return loss.zero_losses()
-    pos_idx, valid, indices, flat = structure
+    kind, indices = structure[:2]
     mat = hb.hardened_matrix()
-    if flat is not None:
-        margins = loss.distance.margin(*_TwoGathers.apply(mat, *flat))
+    if kind == "lists" and mat.dtype in (torch.float32, torch.float64):
+        margins = loss.distance.margin(*_TripletGathers.apply(mat, *indices))
+    elif kind == "lists":  # half precision: no NumPy type for the compiled gathers
+        a, p, n = indices
+        b = mat.shape[0]
+        margins = loss.distance.margin(*_TwoGathers.apply(mat, a * b + p, a * b + n))
+    elif kind == "flat":
+        margins = loss.distance.margin(*_TwoGathers.apply(mat, *structure[2]))
     else:  # the triplets are selected right after the one [B, P, B] operation; PML's arithmetic follows
+        pos_idx, valid = structure[2:]
         margins = loss.distance.margin(mat.gather(1, pos_idx)[:, :, None], mat[:, None, :]).masked_select(valid)
     violation = margins + loss.margin
     per = torch.nn.functional.softplus(violation) if loss.smooth_loss else torch.relu(violation)
