@@ -595,3 +595,32 @@ def test_compiled_row_search_steps_aside_where_it_cannot_run(monkeypatch):
     assert compiled_row_search(gram.float(), layout, "inner", dist, True, True) is None
     assert not K.compiled_available()
     E._LAYOUT_CACHE.clear()
+
+
+def test_a_numba_that_does_not_import_turns_the_kernels_off_with_a_warning(monkeypatch):
+    """An installed but broken numba (e.g. built for another NumPy) must not break the loss: one
+    warning, then the tensor code, with the same result."""
+    import builtins
+
+    g = torch.Generator().manual_seed(33)
+    x, y = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randint(0, 6, (30,), generator=g)
+    monkeypatch.setattr(K, "_COMPILED", "off")
+    E._LAYOUT_CACHE.clear()
+    want = EmbeddingExpansionLoss(losses.ContrastiveLoss())(x, y)
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "numba":
+            raise ImportError("numba built against another NumPy")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "numba" else None)
+    monkeypatch.setattr(K, "_COMPILED", "auto")
+    monkeypatch.setattr(K, "_NUMBA", None)
+    E._LAYOUT_CACHE.clear()
+    with pytest.warns(RuntimeWarning, match="numba is installed but does not import"):
+        assert not K.compiled_available()
+    got = EmbeddingExpansionLoss(losses.ContrastiveLoss())(x, y)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    E._LAYOUT_CACHE.clear()

@@ -9,18 +9,31 @@ without it, on GPU and in half precision, the tensor (and NumPy) code runs.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Optional
 
 __all__ = ["compiled_available"]
 
 # "auto": the compiled kernels where numba is installed; "off": never (tests, benchmarks)
 _COMPILED = "auto"
-_NUMBA: Optional[bool] = None  # whether numba is installed, looked up once
+_NUMBA: Optional[bool] = None  # whether numba imports, found out once
 
 
 def compiled_available() -> bool:
-    """Whether the compiled CPU kernels can run (numba installed, not switched off)."""
+    """Whether the compiled CPU kernels can run (numba installed and importable, not switched off).
+    A numba that is installed but fails to import (e.g. built for another NumPy) is reported once
+    with a warning, and the tensor code runs."""
     global _NUMBA
+    if _COMPILED != "auto":
+        return False
     if _NUMBA is None:
-        _NUMBA = importlib.util.find_spec("numba") is not None
-    return _COMPILED == "auto" and _NUMBA
+        _NUMBA = False
+        if importlib.util.find_spec("numba") is not None:
+            try:
+                import numba  # noqa: F401  (~0.3 s, once)
+
+                _NUMBA = True
+            except Exception as error:  # any failure to import means: no kernels, not a broken loss
+                warnings.warn(f"numba is installed but does not import ({error!r}); EE's compiled CPU kernels "
+                              "are off and the tensor code runs", RuntimeWarning, stacklevel=2)
+    return _NUMBA
