@@ -3,7 +3,7 @@
 Two per-batch costs of EE on CPU are mostly the fixed cost of many small operations rather than
 arithmetic: the hard negative pair search and, for a new label pattern, the pattern's layout. With
 numba installed both run as compiled loops (:mod:`~pml_ext.functional.embedding_expansion_rows_kernel`,
-:mod:`~pml_ext.functional.embedding_expansion_layouts_kernel`) with the same results (tested);
+:mod:`~pml_ext.functional.embedding_expansion_layouts_kernel`)) with the same results (tested);
 without it, on GPU and in half precision, the tensor (and NumPy) code runs.
 """
 from __future__ import annotations
@@ -12,7 +12,9 @@ import importlib.util
 import warnings
 from typing import Optional
 
-__all__ = ["compiled_available"]
+import torch
+
+__all__ = ["compiled_available", "compiled_for"]
 
 # "auto": the compiled kernels where numba is installed; "off": never (tests, benchmarks)
 _COMPILED = "auto"
@@ -37,3 +39,9 @@ def compiled_available() -> bool:
                 warnings.warn(f"numba is installed but does not import ({error!r}); EE's compiled CPU kernels "
                               "are off and the tensor code runs", RuntimeWarning, stacklevel=2)
     return _NUMBA
+
+
+def compiled_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the compiled kernels run for tensors of ``device`` and ``dtype``: CPU, a dtype NumPy
+    has (float32 / float64), and :func:`compiled_available`."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64) and compiled_available()

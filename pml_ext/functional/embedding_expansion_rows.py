@@ -39,7 +39,7 @@ import torch
 
 from . import embedding_expansion as _ee
 from .embedding_expansion import HardestPairs, _mat_from_gram, _originals_best, take
-from .compiled import compiled_available
+from .compiled import compiled_for
 from .embedding_expansion_pairs import point_pair_values, scaled_points, search_values
 from .primitives import segment_best
 
@@ -77,7 +77,7 @@ def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normali
     norm [M] with EE Eq. 2's scale folded in (what the selected pairs' values read), and whether
     larger search values are harder. None where it cannot run (numba not installed, not on CPU, a
     dtype NumPy lacks): the search then runs with tensor operations."""
-    if gram.device.type != "cpu" or gram.dtype not in (torch.float32, torch.float64) or not compiled_available():
+    if not compiled_for(gram.device, gram.dtype):
         return None
     from .embedding_expansion_rows_kernel import row_search  # imports numba (~0.3 s, once)
 
@@ -182,9 +182,7 @@ def use_rows(layout) -> bool:
     (equal classes have no padding in the blocked search, whose few large batched products are then
     cheaper) and at most _ROWS_MAX_ENTRIES stage-1 entries (beyond that the grouped search's batched
     products over each class's originals cost less per entry). Cached on the layout."""
-    ex = layout.expanded
-    compiled = (layout.classes.device.type == "cpu" and ex.w_first.dtype in (torch.float32, torch.float64)
-                and compiled_available())
+    compiled = compiled_for(layout.classes.device, layout.expanded.w_first.dtype)
 
     def choose(lay) -> bool:
         sizes = lay.class_sizes.tolist()  # a few Python numbers: no tensor operation per call
