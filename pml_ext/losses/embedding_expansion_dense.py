@@ -64,7 +64,7 @@ def _triplet_structure(layout: F.BatchLayout):
     b = pos.shape[0]
     sparse = int((pos.sum(1) * neg.sum(1)).sum()) < _FLAT_TRIPLETS * b * p * b
     if sparse and layout.classes.device.type == "cpu" and F.compiled_available():
-        from ..functional.embedding_expansion_layouts_kernel import all_triplets
+        from ..functional.embedding_expansion_triplets_kernel import all_triplets
 
         return "lists", tuple(torch.from_numpy(t) for t in all_triplets(layout.classes.numpy()))
     pos8 = pos.to(torch.uint8)
@@ -107,7 +107,7 @@ class _TripletGathers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mat, a, p, n):
-        from ..functional.embedding_expansion_layouts_kernel import gather_triplets
+        from ..functional.embedding_expansion_triplets_kernel import gather_triplets
 
         ctx.lists, ctx.b = (a.numpy(), p.numpy(), n.numpy()), mat.shape[0]
         return tuple(torch.from_numpy(v) for v in gather_triplets(mat.detach().numpy(), *ctx.lists))
@@ -115,7 +115,7 @@ class _TripletGathers(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_ap, g_an):
-        from ..functional.embedding_expansion_layouts_kernel import gather_triplets_backward
+        from ..functional.embedding_expansion_triplets_kernel import gather_triplets_backward
 
         grad = gather_triplets_backward(g_ap.contiguous().numpy(), g_an.contiguous().numpy(), *ctx.lists, ctx.b)
         return torch.from_numpy(grad), None, None, None
