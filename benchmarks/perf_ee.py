@@ -285,7 +285,7 @@ def search_paths(args):
             c, kk, k = layout.num_classes, int(sizes.max()), int(torch.bincount(layout.classes).max())
             blocked_entries = (c * kk) * (c * kk + c * k)
             times = []
-            compiled = compiled_switch.compiled_available()
+            mode, compiled = compiled_switch._COMPILED, compiled_switch.compiled_available()
             for path in ("blocked", "groups", "rows", "rows-compiled"):
                 if (path == "blocked" and blocked_entries > 3e8) or (path == "rows-compiled" and not compiled):
                     times.append(float("nan"))  # minutes per call; no numba
@@ -297,7 +297,7 @@ def search_paths(args):
                                                   max(3, args.repeats // 2), args.device)[0])
                 finally:
                     ee_functional._SEARCH = "auto"
-                    compiled_switch._COMPILED = "auto" if compiled else "off"
+                    compiled_switch._COMPILED = mode
             choice = ee_functional.search_path(layout)
             print(f"{comp:<15}{n:>3} {pairs:<9}{int(sizes.sum()):>6}{blocked_entries:>16}"
                   f"{groups.class_groups(layout).entries():>16}{rows.row_entries(layout):>12}"
