@@ -208,10 +208,13 @@ def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
 
     def build() -> BatchLayout:
         layout = None
-        if cls is None or np.ptp(np.bincount(cls)) == 0:  # NumPy tells an unbalanced batch at once
-            layout = balanced_layout(classes, c, n_points, pairs, dtype)  # a balanced batch in any order
+        by_numpy = cls is not None and dtype in _NUMPY_DTYPES
+        # a balanced batch in any order, mapped from its canonical layout; with the compiled layout
+        # builder a direct build costs less (0.07 vs 0.29 ms for a shuffled 32x4 batch)
+        if (cls is None or np.ptp(np.bincount(cls)) == 0) and not (by_numpy and compiled_available()):
+            layout = balanced_layout(classes, c, n_points, pairs, dtype)
         if layout is None:
-            if classes.device.type == "cpu" and dtype in _NUMPY_DTYPES:
+            if by_numpy:
                 layout = numpy_layout(classes, c, n_points, pairs, dtype)
             else:
                 layout = BatchLayout(classes, c, expand(classes, n_points, pairs, dtype))

@@ -35,6 +35,29 @@ def segment_max(h, lo, hi):
 
 
 @numba.njit(cache=True, nogil=True)
+def _max_into(acc, gf, gs, wf, ws, lo, hi):
+    """acc[q] = max(acc[q], gf[q]·wf + gs[q]·ws) for q in [lo, hi): no reduction, so LLVM vectorises
+    it (the unsigned range spares the negative-index wraparound that keeps it scalar)."""
+    for q in range(np.uint64(lo), np.uint64(hi)):
+        acc[q] = max(acc[q], gf[q] * wf + gs[q] * ws)
+
+
+@numba.njit(cache=True, nogil=True)
+def _hardness(inner, sq_r, sq_q, off_sphere, pw, sign, tiny, buf):
+    """±(the distance's value) of a pair from its inner product and squared norms (larger: harder),
+    rounded to the Gram matrix's dtype after every step (``buf``: one entry of that dtype), as the
+    row search's tensor operations round them."""
+    buf[0] = inner
+    if off_sphere:
+        d = sq_r + sq_q - 2 * buf[0]
+        buf[0] = math.sqrt(max(d, tiny)) if d > 0 else 0.0
+    if pw != 1.0:
+        buf[0] = buf[0] ** pw
+    buf[0] = sign * buf[0]
+    return buf[0]
+
+
+@numba.njit(cache=True, nogil=True)
 def row_search(gram, first, second, w_first, w_second, point_class, first_index, num_classes, largest,
                normalizing, euclidean, normalize, distance_normalizes, distance_inverted, power):
     """``(best, rows, cols, weights, sq, inverted)``: see
@@ -77,62 +100,64 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
     gt = np.empty((b, m), gram.dtype)  # gt[j, q] = <original j, point order[q]>
     for j in range(b):
         g = gram[j]
-        for q in range(m):
+        for q in range(np.uint64(m)):
             gt[j, q] = g[f_o[q]] * wf_o[q] + g[s_o[q]] * ws_o[q]
-    sign = 1.0 if inverted else -1.0  # hardness h = ±v: larger is harder
-    # every class pair x < y once, from x's points: the best hardness and two of the pairs attaining
-    # it, the lowest point of y first (then of x) and the lowest point of x first (then of y); the
-    # row search's first best pair of [x, y] is the first, of [y, x] the second
-    hard = np.full((c, c), -np.inf, gram.dtype)
-    low_y = np.zeros((2, c, c), np.int64)  # (point of x, point of y)
-    low_x = np.zeros((2, c, c), np.int64)
-    h = np.empty(m, gram.dtype)
-    for i in range(m):  # points class by class, batch order inside, against the later classes' points
-        r = order[i]
-        x = point_class[r]
-        lo = start[x + 1]
-        gf, gs, wf, ws, sq_r = gt[first[r]], gt[second[r]], weights[0, r], weights[1, r], sq[r]
-        for q in range(lo, m):
-            h[q] = gf[q] * wf + gs[q] * ws
-        if off_sphere:
-            for q in range(lo, m):
-                d = sq_r + sq_o[q] - 2 * h[q]
-                h[q] = math.sqrt(max(d, tiny)) if d > 0 else 0.0
-        if pw != 1.0:
-            for q in range(lo, m):
-                h[q] = h[q] ** pw
-        if sign < 0:
-            for q in range(lo, m):
-                h[q] = -h[q]
-        for y in range(x + 1, c):
-            s0, s1 = start[y], start[y + 1]
-            bh = segment_max(h, s0, s1)
-            current = hard[x, y]
-            if bh < current:
-                continue
-            q = s0
-            while q < s1 and h[q] != bh:  # the first point attaining it (none: NaN values)
-                q += 1
-            if q == s1:
-                continue
-            p = order[q]
-            if bh > current:
-                hard[x, y] = bh
-                low_y[0, x, y] = low_x[0, x, y] = r
-                low_y[1, x, y] = low_x[1, x, y] = p
-            elif p < low_y[1, x, y]:  # a tie: this row reaches a lower point of y (low_x keeps its lower row)
-                low_y[0, x, y], low_y[1, x, y] = r, p
+    # hardness h = ±value, larger is harder; without a transform the sign goes into the weights
+    # (exact: negation commutes with rounding) and a row's pass is a vectorised multiply-add-max
+    typed = np.ones(2, gram.dtype)  # the sign in the Gram matrix's dtype, and _hardness's rounding buffer
+    if not inverted:
+        typed[0] = -1.0
+    sg, buf = typed[0], typed[1:]
+    plain = not off_sphere and pw == 1.0
     best = np.empty((c, c), gram.dtype)
     rows = np.zeros((c, c), np.int64)
     cols = np.zeros((c, c), np.int64)
+    acc = np.empty(m, gram.dtype)
     for x in range(c):
-        for y in range(x + 1, c):
-            best[x, y] = best[y, x] = sign * hard[x, y]
-            # the row search takes the largest class's pairs from the other class's side, both ways
-            pair = low_x if x == largest else low_y
-            rows[x, y], cols[x, y] = pair[0, x, y], pair[1, x, y]
-            pair = low_y if y == largest else low_x
-            rows[y, x], cols[y, x] = pair[1, x, y], pair[0, x, y]
+        if x == largest:  # its pairs come from the other classes' side, below
+            continue
+        x0, x1 = start[x], start[x + 1]
+        acc[:] = -np.inf
+        # stage 1: acc[q] = the best hardness of x's points against point q (every other class's)
+        for i in range(x0, x1):
+            r = order[i]
+            gf, gs, sq_r = gt[first[r]], gt[second[r]], sq[r]
+            if plain:
+                _max_into(acc, gf, gs, weights[0, r] * sg, weights[1, r] * sg, 0, x0)
+                _max_into(acc, gf, gs, weights[0, r] * sg, weights[1, r] * sg, x1, m)
+            else:
+                for q in range(m):
+                    if q < x0 or q >= x1:
+                        v = _hardness(gf[q] * weights[0, r] + gs[q] * weights[1, r], sq_r, sq_o[q], off_sphere,
+                                      pw, sg, tiny, buf)
+                        acc[q] = max(acc[q], v)
+        for y in range(c):
+            if y == x:
+                continue
+            # stage 2: the first point of y attaining the best (none: NaN values; its first then)
+            s0, s1 = start[y], start[y + 1]
+            bh = segment_max(acc, s0, s1)
+            q = s0
+            while q < s1 and acc[q] != bh:
+                q += 1
+            q = s0 if q == s1 else q
+            # stage 3: the first point of x attaining it against that point, its values recomputed
+            # as stage 1 computed them (the first best of them, should rounding ever differ)
+            top, i_best = -np.inf, x0
+            for i in range(x0, x1):
+                r = order[i]
+                if plain:
+                    v = gt[first[r], q] * (weights[0, r] * sg) + gt[second[r], q] * (weights[1, r] * sg)
+                else:
+                    v = _hardness(gt[first[r], q] * weights[0, r] + gt[second[r], q] * weights[1, r], sq[r],
+                                  sq_o[q], off_sphere, pw, sg, tiny, buf)
+                if v > top:
+                    top, i_best = v, i
+            best[x, y], rows[x, y], cols[x, y] = sg * bh, order[i_best], order[q]
+    if largest < c:  # the largest class's pairs from the other class's side, as the row search
+        for y in range(c):
+            if y != largest:
+                best[largest, y], rows[largest, y], cols[largest, y] = best[y, largest], cols[y, largest], rows[y, largest]
     for x in range(c):  # every class against itself: its first original
         i = first_index[x]
         v = sq[i]
