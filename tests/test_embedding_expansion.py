@@ -384,6 +384,26 @@ def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes, monkeypatch
     assert torch.allclose(x1.grad, x2.grad, atol=1e-10)
 
 
+def test_npair_anchors_with_numpy_equal_the_tensor_operations_and_pml():
+    """The dense N-pair's anchors and positives, built with NumPy on CPU, equal its tensor-operation
+    build (the GPU's) and PML's choice (the first two samples of every class with two)."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    import pml_ext.losses.embedding_expansion_dense as eel
+
+    g = torch.Generator().manual_seed(41)
+    patterns = [torch.randint(0, c, (b,), generator=g) for b, c in ((12, 5), (40, 40), (64, 9), (7, 3))]
+    for y in patterns + [torch.arange(6), torch.zeros(5, dtype=torch.long), torch.zeros(0, dtype=torch.long)]:
+        layout = F.batch_layout(y, 2, "all", torch.float64)
+        got = eel._first_two_per_class(layout)
+        want = eel._first_two_per_class_tensors(layout)
+        for u, v in zip(got, want):
+            assert u.dtype == v.dtype and torch.equal(u, v)
+        if y.numel():
+            a, p = lmu.convert_to_pos_pairs_with_unique_labels(None, y)
+            assert sorted(zip(a.tolist(), p.tolist())) == sorted(zip(got[0].tolist(), got[1].tolist()))
+
+
 @pytest.mark.parametrize("inverted", [False, True])
 def test_class_pair_hardest_and_argbest_match_loops(inverted):
     g = torch.Generator().manual_seed(17)
@@ -427,8 +447,9 @@ def test_gram_function_gradients_and_double_backward():
 
 
 def test_normalized_gram_is_normalize_then_gram():
-    """The fused L2-normalise + Gram function: exact gradients twice, and the same values and
-    gradients as PML's normalize followed by the Gram matrix, zero and tiny rows included."""
+    """The fused L2-normalise + Gram function: exact gradients twice, and the same values (up to
+    rounding: it divides x xᵀ by the norms' products) and gradients as PML's normalize followed by
+    the Gram matrix, zero and tiny rows included."""
     from pml_ext.functional.primitives import _Gram, _NormalizedGram
 
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
@@ -441,7 +462,8 @@ def test_normalized_gram_is_normalize_then_gram():
         a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
         fused = _NormalizedGram.apply(a)
         ref = _Gram.apply(torch.nn.functional.normalize(b, dim=1))
-        assert torch.equal(fused, ref)
+        assert torch.allclose(fused, ref, rtol=1e-15, atol=1e-15)
+        assert torch.equal(fused, fused.t())  # exactly symmetric: the searches read either triangle
         (fused * w).sum().backward()
         (ref * w).sum().backward()
         assert torch.isfinite(a.grad).all()

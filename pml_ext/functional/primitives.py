@@ -71,31 +71,35 @@ _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which PML's d
 
 
 class _NormalizedGram(torch.autograd.Function):
-    """ŷ ŷᵀ with ŷ = x / max(‖x‖, eps) row-wise (``torch.nn.functional.normalize``, p = 2): the
-    same values as ``_Gram(normalize(x))``. Its backward is one product and a row-wise
-    projection, (ĝ − ŷ⟨ŷ, ĝ⟩)/‖x‖ with ĝ = (g + gᵀ)ŷ; autograd's backward of ``normalize`` alone
-    costs several broadcast reductions (on CPU, more than the Gram product)."""
+    """ŷ ŷᵀ with ŷ = x / max(‖x‖, eps) row-wise (``torch.nn.functional.normalize``, p = 2), as
+    ``_Gram(normalize(x))`` up to rounding, computed as (x xᵀ) / (n nᵀ): no normalised [B, d] copy.
+    Its backward is one product, A x with A = N⁻¹ (g + gᵀ) N⁻¹ − diag(⟨(g + gᵀ)ᵢ, Gᵢ⟩ / nᵢ²) (the
+    row-wise projection of normalize's backward written with the Gram matrix G, so that every
+    step but the product is on [B, B]); autograd's backward of ``normalize`` alone costs several
+    broadcast reductions over [B, d] (on CPU, more than the Gram product)."""
 
     @staticmethod
     def forward(ctx, x):
         denom = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
-        y = x / denom
-        ctx.save_for_backward(x, y, denom)
-        return y @ y.t()
+        inv = denom.reciprocal()
+        gram = (x @ x.t()).mul_(inv * inv.t())  # one symmetric factor: the result stays exactly symmetric
+        ctx.save_for_backward(x, gram, inv, denom)
+        return gram
 
     @staticmethod
     def backward(ctx, g):
-        x, y, denom = ctx.saved_tensors
+        x, gram, inv, denom = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: ŷ and the norm again, as functions of x
             denom = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
             y = x / denom
             gy = (g + g.t()).to(y.dtype) @ y
             along = (gy * y).sum(1, keepdim=True) * (denom > _NORMALIZE_EPS)
             return (gy - y * along) / denom
-        gy = (g + g.t()).to(y.dtype) @ y
+        s = (g + g.t()).to(x.dtype)
         # a row whose norm was clamped to eps is divided by a constant: no projection
-        along = torch.linalg.vecdot(gy, y, dim=1).unsqueeze(1) * (denom > _NORMALIZE_EPS)
-        return gy.addcmul_(y, along, value=-1).div_(denom)  # in place: one [B, d] buffer
+        along = torch.linalg.vecdot(s, gram, dim=1) * (denom > _NORMALIZE_EPS).squeeze(1)
+        s.mul_(inv * inv.t()).diagonal().sub_(along * inv.squeeze(1).square())
+        return s @ x
 
 
 def normalized_gram(embeddings: torch.Tensor, distance) -> torch.Tensor:

@@ -10,6 +10,7 @@ reducer reads; tested equal, value and gradient, to PML's own path on the harden
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pytorch_metric_learning import losses, reducers
 
@@ -194,22 +195,42 @@ def _dense_contrastive(loss, hb: HardenedBatch, labels):
 
 
 def _npair_structure(layout: F.BatchLayout):
-    """PML's N-pair choice, for every class with a positive pair its first two samples (a, p), in
-    class order, with what the dense loss reads per call: the flat indices of (a, p) in the [B, B]
-    matrix and of the anchors' class pairs in the [C, C] hardest values, the [n, n] diagonal and
-    the cross-entropy's targets."""
+    """PML's N-pair choice (:func:`_first_two_per_class`) with what the dense loss reads per call:
+    the flat indices of (a, p) in the [B, B] matrix and of the anchors' class pairs in the [C, C]
+    hardest values, the [n, n] diagonal and the cross-entropy's targets."""
     c, b = layout.num_classes, layout.classes.numel()
-    members = layout.originals.view(c, -1) if c else layout.originals.view(0, 1)  # batch order inside each class
-    if members.shape[1] < 2:
-        return None
-    has_pair = torch.bincount(layout.classes, minlength=c) > 1
-    a, p = members[has_pair, 0], members[has_pair, 1]
-    if a.numel() == 0:
-        return None
-    ca = layout.classes[a]
+    a, p, ca = _first_two_per_class(layout)
     n = a.numel()
+    if n == 0:
+        return None
     return (a, a * b + p, ca[:, None] * c + ca[None, :], torch.eye(n, dtype=torch.bool, device=a.device),
             torch.arange(n, device=a.device))
+
+
+def _first_two_per_class(layout: F.BatchLayout):
+    """(a, p, class of a): for every class with a positive pair its first two samples, in class
+    order. With NumPy on CPU (a new label pattern, every step for random batches, pays a few NumPy
+    calls instead of ~10 tensor operations)."""
+    c = layout.num_classes
+    if layout.classes.device.type == "cpu":
+        cls = layout.classes.numpy()
+        by_class = np.argsort(cls, kind="stable")  # batch order inside each class
+        sizes = np.bincount(cls, minlength=c)
+        ca = np.flatnonzero(sizes > 1)
+        starts = (np.cumsum(sizes) - sizes)[ca]
+        return tuple(torch.from_numpy(v) for v in (by_class[starts], by_class[starts + 1], ca))
+    return _first_two_per_class_tensors(layout)
+
+
+def _first_two_per_class_tensors(layout: F.BatchLayout):
+    """:func:`_first_two_per_class` with tensor operations (any device)."""
+    c = layout.num_classes
+    members = layout.originals.view(c, -1) if c else layout.originals.view(0, 1)  # batch order inside each class
+    if members.shape[1] < 2:
+        members = members.new_zeros(0, 2)
+    has_pair = torch.bincount(layout.classes, minlength=c)[: members.shape[0]] > 1
+    a, p = members[has_pair, 0], members[has_pair, 1]
+    return a, p, layout.classes[a]
 
 
 def _dense_npairs(loss, hb: HardenedBatch, labels):
