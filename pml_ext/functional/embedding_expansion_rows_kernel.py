@@ -109,7 +109,7 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
             local[order[start[x] + k]] = k
         if x != largest:
             block_rows = max(block_rows, n_orig[x])
-    gt = np.empty((block_rows, m), gram.dtype)  # gt[local[j], q] = <original j, point order[q]>, class by class
+    gt = np.empty((block_rows, m), gram.dtype)  # gt[local[j], q] = <original j, point order[q]>, one class's
     # hardness h = ±value, larger is harder; without a transform the sign goes into the weights
     # (exact: negation commutes with rounding) and a row's pass is a vectorised multiply-add-max
     typed = np.ones(2, gram.dtype)  # the sign in the Gram matrix's dtype, and _hardness's rounding buffer
@@ -158,18 +158,20 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
             top, i_best = -np.inf, x0
             for i in range(x0, x1):
                 r = order[i]
+                gf_q, gs_q = gt[local[first[r]], q], gt[local[second[r]], q]
                 if plain:
-                    v = gt[local[first[r]], q] * (weights[0, r] * sg) + gt[local[second[r]], q] * (weights[1, r] * sg)
+                    v = gf_q * (weights[0, r] * sg) + gs_q * (weights[1, r] * sg)
                 else:
-                    v = _hardness(gt[local[first[r]], q] * weights[0, r] + gt[local[second[r]], q] * weights[1, r], sq[r],
-                                  sq_o[q], off_sphere, pw, sg, tiny, buf)
+                    v = _hardness(gf_q * weights[0, r] + gs_q * weights[1, r], sq[r], sq_o[q], off_sphere, pw, sg,
+                                  tiny, buf)
                 if v > top:
                     top, i_best = v, i
             best[x, y], rows[x, y], cols[x, y] = sg * bh, order[i_best], order[q]
     if largest < c:  # the largest class's pairs from the other class's side, as the row search
         for y in range(c):
             if y != largest:
-                best[largest, y], rows[largest, y], cols[largest, y] = best[y, largest], cols[y, largest], rows[y, largest]
+                best[largest, y], rows[largest, y] = best[y, largest], cols[y, largest]
+                cols[largest, y] = rows[y, largest]
     for x in range(c):  # every class against itself: its first original
         i = first_index[x]
         v = sq[i]
