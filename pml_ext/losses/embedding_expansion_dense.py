@@ -196,15 +196,22 @@ def _dense_contrastive(loss, hb: HardenedBatch, labels):
 
 def _npair_structure(layout: F.BatchLayout):
     """PML's N-pair choice (:func:`_first_two_per_class`) with what the dense loss reads per call:
-    the flat indices of (a, p) in the [B, B] matrix and of the anchors' class pairs in the [C, C]
-    hardest values, the [n, n] diagonal and the cross-entropy's targets."""
+    the [n, n] flat index of the anchors' similarity matrix into the concatenated hardest values
+    [C, C] and batch matrix [B, B] (each anchor's class pairs, its own positive pair on the
+    diagonal) and the cross-entropy's targets."""
     c, b = layout.num_classes, layout.classes.numel()
     a, p, ca = _first_two_per_class(layout)
     n = a.numel()
     if n == 0:
         return None
-    return (a, a * b + p, ca[:, None] * c + ca[None, :], torch.eye(n, dtype=torch.bool, device=a.device),
-            torch.arange(n, device=a.device))
+    if a.device.type == "cpu":  # NumPy: a few calls on n² integers, no tensor operation's fixed cost
+        a_, p_, ca_ = a.numpy(), p.numpy(), ca.numpy()
+        index = ca_[:, None] * c + ca_[None, :]
+        index[np.arange(n), np.arange(n)] = c * c + a_ * b + p_
+        return a, torch.from_numpy(index), torch.from_numpy(np.arange(n))
+    index = ca[:, None] * c + ca[None, :]
+    index.diagonal().copy_(c * c + a * b + p)
+    return a, index, torch.arange(n, device=a.device)
 
 
 def _first_two_per_class(layout: F.BatchLayout):
@@ -241,10 +248,10 @@ def _dense_npairs(loss, hb: HardenedBatch, labels):
     loss.num_pairs = 0 if structure is None else len(structure[0])
     if loss.num_pairs == 0:
         return loss.zero_losses()
-    a, ap_flat, class_pairs, eye, targets = structure
+    a, index, targets = structure
     # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive on
-    # its diagonal and its class pair's hardest value everywhere else: no [B, B] matrix needed
-    sim = torch.where(eye, F.take(hb.originals_mat, ap_flat)[:, None], F.take(hb.hardest, class_pairs))
+    # its diagonal and its class pair's hardest value everywhere else: one gather, no [B, B] matrix
+    sim = F.take(torch.cat([hb.hardest.reshape(-1), hb.originals_mat.reshape(-1)]), index)
     if not loss.distance.is_inverted:
         sim = -sim
     # in class order (cached per label pattern), then in PML's order, by label: each anchor's loss
