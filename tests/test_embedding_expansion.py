@@ -384,9 +384,10 @@ def test_dense_paths_equal_pml_on_the_hardened_matrix(make, classes, monkeypatch
     assert torch.allclose(x1.grad, x2.grad, atol=1e-10)
 
 
-def test_npair_anchors_with_numpy_equal_the_tensor_operations_and_pml():
-    """The dense N-pair's anchors and positives, built with NumPy on CPU, equal its tensor-operation
-    build (the GPU's) and PML's choice (the first two samples of every class with two)."""
+def test_npair_structure_with_numpy_equals_the_tensor_operations_and_pml():
+    """The dense N-pair's anchors and similarity index, built with NumPy on CPU, equal its
+    tensor-operation build (the GPU's), and its (anchor, positive) pairs are PML's (the first two
+    samples of every class with two)."""
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
     import pml_ext.losses.embedding_expansion_dense as eel
@@ -395,13 +396,12 @@ def test_npair_anchors_with_numpy_equal_the_tensor_operations_and_pml():
     patterns = [torch.randint(0, c, (b,), generator=g) for b, c in ((12, 5), (40, 40), (64, 9), (7, 3))]
     for y in patterns + [torch.arange(6), torch.zeros(5, dtype=torch.long), torch.zeros(0, dtype=torch.long)]:
         layout = F.batch_layout(y, 2, "all", torch.float64)
-        got = eel._first_two_per_class(layout)
-        want = eel._first_two_per_class_tensors(layout)
-        for u, v in zip(got, want):
-            assert u.dtype == v.dtype and torch.equal(u, v)
-        if y.numel():
-            a, p = lmu.convert_to_pos_pairs_with_unique_labels(None, y)
-            assert sorted(zip(a.tolist(), p.tolist())) == sorted(zip(got[0].tolist(), got[1].tolist()))
+        (a, index), want = eel._npair_index_numpy(layout), eel._npair_index_tensors(layout)
+        assert torch.equal(a, want[0]) and torch.equal(index, want[1]) and index.dtype == want[1].dtype
+        c, b = layout.num_classes, y.numel()
+        p = index.diagonal() - c * c - a * b
+        pml = lmu.convert_to_pos_pairs_with_unique_labels(None, y) if b else (a, p)
+        assert sorted(zip(a.tolist(), p.tolist())) == sorted(zip(*(t.tolist() for t in pml)))
 
 
 @pytest.mark.parametrize("inverted", [False, True])

@@ -195,49 +195,45 @@ def _dense_contrastive(loss, hb: HardenedBatch, labels):
 
 
 def _npair_structure(layout: F.BatchLayout):
-    """PML's N-pair choice (:func:`_first_two_per_class`) with what the dense loss reads per call:
-    the [n, n] flat index of the anchors' similarity matrix into the concatenated hardest values
-    [C, C] and batch matrix [B, B] (each anchor's class pairs, its own positive pair on the
-    diagonal) and the cross-entropy's targets."""
-    c, b = layout.num_classes, layout.classes.numel()
-    a, p, ca = _first_two_per_class(layout)
-    n = a.numel()
-    if n == 0:
+    """PML's N-pair choice, for every class with a positive pair its first two samples (a, p), in
+    class order, with what the dense loss reads per call: the [n, n] flat index of the anchors'
+    similarity matrix into the concatenated hardest values [C, C] and batch matrix [B, B] (each
+    anchor's class pairs, its own positive pair on the diagonal) and the cross-entropy's targets.
+    Built with NumPy on CPU (a new label pattern, every step for random batches, pays a few NumPy
+    calls instead of ~15 tensor operations)."""
+    build = _npair_index_numpy if layout.classes.device.type == "cpu" else _npair_index_tensors
+    a, index = build(layout)
+    if a.numel() == 0:
         return None
-    if a.device.type == "cpu":  # NumPy: a few calls on n² integers, no tensor operation's fixed cost
-        a_, p_, ca_ = a.numpy(), p.numpy(), ca.numpy()
-        index = ca_[:, None] * c + ca_[None, :]
-        index[np.arange(n), np.arange(n)] = c * c + a_ * b + p_
-        return a, torch.from_numpy(index), torch.from_numpy(np.arange(n))
+    return a, index, torch.arange(a.numel(), device=a.device)
+
+
+def _npair_index_numpy(layout: F.BatchLayout):
+    """(a, index) of :func:`_npair_structure` with NumPy (CPU)."""
+    c, b = layout.num_classes, layout.classes.numel()
+    cls = layout.classes.numpy()
+    by_class = np.argsort(cls, kind="stable")  # batch order inside each class
+    sizes = np.bincount(cls, minlength=c)
+    ca = np.flatnonzero(sizes > 1)  # the anchors' classes
+    starts = (np.cumsum(sizes) - sizes)[ca]
+    a, p = by_class[starts], by_class[starts + 1]
+    index = ca[:, None] * c + ca[None, :]
+    np.fill_diagonal(index, c * c + a * b + p)
+    return torch.from_numpy(a), torch.from_numpy(index)
+
+
+def _npair_index_tensors(layout: F.BatchLayout):
+    """(a, index) of :func:`_npair_structure` with tensor operations (any device)."""
+    c, b = layout.num_classes, layout.classes.numel()
+    members = layout.originals.view(c, -1) if c else layout.originals.view(0, 1)  # batch order inside each class
+    if members.shape[1] < 2:  # only singletons
+        return members.new_zeros(0), members.new_zeros(0, 0)
+    has_pair = torch.bincount(layout.classes, minlength=c) > 1
+    a, p = members[has_pair, 0], members[has_pair, 1]
+    ca = layout.classes[a]
     index = ca[:, None] * c + ca[None, :]
     index.diagonal().copy_(c * c + a * b + p)
-    return a, index, torch.arange(n, device=a.device)
-
-
-def _first_two_per_class(layout: F.BatchLayout):
-    """(a, p, class of a): for every class with a positive pair its first two samples, in class
-    order. With NumPy on CPU (a new label pattern, every step for random batches, pays a few NumPy
-    calls instead of ~10 tensor operations)."""
-    c = layout.num_classes
-    if layout.classes.device.type == "cpu":
-        cls = layout.classes.numpy()
-        by_class = np.argsort(cls, kind="stable")  # batch order inside each class
-        sizes = np.bincount(cls, minlength=c)
-        ca = np.flatnonzero(sizes > 1)
-        starts = (np.cumsum(sizes) - sizes)[ca]
-        return tuple(torch.from_numpy(v) for v in (by_class[starts], by_class[starts + 1], ca))
-    return _first_two_per_class_tensors(layout)
-
-
-def _first_two_per_class_tensors(layout: F.BatchLayout):
-    """:func:`_first_two_per_class` with tensor operations (any device)."""
-    c = layout.num_classes
-    members = layout.originals.view(c, -1) if c else layout.originals.view(0, 1)  # batch order inside each class
-    if members.shape[1] < 2:
-        members = members.new_zeros(0, 2)
-    has_pair = torch.bincount(layout.classes, minlength=c)[: members.shape[0]] > 1
-    a, p = members[has_pair, 0], members[has_pair, 1]
-    return a, p, layout.classes[a]
+    return a, index
 
 
 def _dense_npairs(loss, hb: HardenedBatch, labels):
