@@ -251,16 +251,26 @@ def test_search_path_blocked_for_equal_classes_rows_for_small_unequal_sets_group
 
 
 @pytest.mark.skipif(not NUMBA, reason="numba is not installed (pip install pml_ext[fast])")
-def test_search_path_compiled_rows_up_to_many_entries_then_groups(monkeypatch):
-    """With the compiled row search: rows for balanced and unequal batches alike, groups beyond
-    _COMPILED_MAX_ENTRIES; half precision (no kernel) keeps the tensor-operation model."""
+def test_search_path_compiled_rows_while_its_block_fits_then_groups(monkeypatch):
+    """With the compiled row search: rows for balanced and unequal batches of any size, groups once
+    the kernel's block (one class's originals x M) exceeds _COMPILED_MAX_BLOCK; half precision (no
+    kernel) keeps the tensor-operation model."""
     monkeypatch.setattr(K, "_COMPILED", "auto")
     g = torch.Generator().manual_seed(0)
     balanced = torch.arange(32).repeat_interleave(4)
     random40 = torch.randint(0, 40, (128,), generator=g)
     assert E.search_path(_layout(balanced)) == "rows"
     assert E.search_path(_layout(random40, n=8)) == "rows"  # 2.7M entries
-    assert E.search_path(_layout(torch.arange(16).repeat_interleave(8), n=8)) == "groups"  # 12.9M entries
+    big = torch.arange(16).repeat_interleave(8)
+    assert E.search_path(_layout(big, n=8)) == "rows"  # 12.9M entries
+    assert R.compiled_block_entries(_layout(big, n=8)) == 8 * 3712
+    # the block: the originals of the largest class but the (first) largest, times M
+    layout = _layout([0, 0, 0, 1, 2, 2])  # originals 3, 1, 2; M = 9 + 1 + 4
+    assert R.compiled_block_entries(layout) == 2 * 14
+    E._LAYOUT_CACHE.clear()
+    monkeypatch.setattr(R, "_COMPILED_MAX_BLOCK", 8 * 3712 - 1)
+    assert E.search_path(_layout(big, n=8)) == "groups"
+    assert E.search_path(_layout(balanced)) == "rows"
     assert E.search_path(_layout([0, 0, 0])) == "blocked"  # one class: nothing to search
     assert E.search_path(F.batch_layout(balanced, 2, "all", torch.bfloat16)) == "blocked"
     E._LAYOUT_CACHE.clear()

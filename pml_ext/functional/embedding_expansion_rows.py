@@ -43,7 +43,7 @@ from .compiled import compiled_for
 from .embedding_expansion_pairs import point_pair_values, scaled_points, search_values
 from .primitives import segment_best
 
-__all__ = ["RowPlan", "row_plan", "row_entries", "use_rows", "compiled_row_search",
+__all__ = ["RowPlan", "row_plan", "row_entries", "compiled_block_entries", "use_rows", "compiled_row_search",
            "hardest_negative_pairs_in_rows"]
 
 # bound on the transient [rows, M] block, in entries (256 kB in float32): with 1 << 18, peak memory
@@ -59,14 +59,16 @@ _ROW_CHUNK_ENTRIES = 1 << 16
 # over each class's originals cost less per entry; on long-tailed batches the row search skips the
 # one large class. 2M keeps random40 n=8 grouped and sends zipf60 n=4 beyond it there too (~4% slower).
 _ROWS_MAX_ENTRIES = 2_000_000
-# The compiled row search (numba) is chosen for every pattern up to this many stage-1 entries, balanced
-# batches included. Measured (``python -m benchmarks.perf_ee --paths --clock cpu``, the search alone
-# with its backward, B = 128, d = 512, LpDistance; docs/results/perf_ee_paths.txt), compiled vs the
-# best other search: 32x4 n=2 2.03 vs 2.52 ms (blocked), 16x8 n=4 (3.5M entries) 4.94 vs 5.40 (grouped),
-# random40 n=8 (2.7M) 4.60 vs 7.31 (grouped), zipf60 n=8 (8.4M) 14.00 vs 14.19 (grouped), 16x8 n=8
-# (12.9M) 14.02 vs 13.50 (grouped): one pass over R·M entries against batched products whose cost
-# grows more slowly with many points per class.
-_COMPILED_MAX_ENTRIES = 10_000_000
+# The compiled row search (numba) is chosen for every pattern of two or more classes whose kernel block
+# fits this many entries (64 MB in float32): the kernel holds one class's rows of G Wᵀ at a time, [K, M]
+# with K the originals of the largest class it searches from (:func:`compiled_block_entries`); beyond it
+# the grouped search, whose batched products run in bounded chunks. The time does not set a bound: the
+# kernel is the fastest search measured at every size (``python -m benchmarks.perf_ee --paths --clock
+# cpu``, the search alone with its backward, B = 128, d = 512; docs/results/perf_ee_paths.txt): 32x4
+# n=2 1.55 ms vs 2.44 (blocked), 16x8 n=8 (12.9M stage-1 entries) 3.23 vs 15.25 (grouped), zipf60 n=8
+# (8.4M) 3.89 vs 12.50 (grouped); 4 per class, cosine, B = 256 n = 8 (10.9M) 5.1 vs 14.7 and B = 512
+# n = 8 (44M) 21.4 vs 66.7 ms (grouped).
+_COMPILED_MAX_BLOCK = 1 << 24
 
 
 def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normalize: bool, normalizing: bool
@@ -175,10 +177,22 @@ def row_entries(layout) -> int:
     return (sum(sizes) - max(sizes)) * sum(sizes) if sizes else 0
 
 
+def compiled_block_entries(layout) -> int:
+    """Entries of the compiled row search's largest transient, one class's rows of G Wᵀ: the
+    originals of the largest class it searches from (every class but the first largest, whose pairs
+    it takes from the other side) times the expanded set's M points."""
+    sizes = layout.class_sizes.tolist()
+    if len(sizes) < 2:
+        return 0
+    counts = torch.bincount(layout.classes, minlength=len(sizes)).tolist()
+    del counts[sizes.index(max(sizes))]
+    return max(counts) * sum(sizes)
+
+
 def use_rows(layout) -> bool:
     """Whether the row search is the one to use for this label pattern. By the compiled kernel
-    (CPU, float32 / float64, numba installed): any pattern of two or more classes up to
-    _COMPILED_MAX_ENTRIES stage-1 entries. With tensor operations: classes of unequal expanded size
+    (CPU, float32 / float64, numba installed): any pattern of two or more classes whose kernel block
+    fits _COMPILED_MAX_BLOCK entries. With tensor operations: classes of unequal expanded size
     (equal classes have no padding in the blocked search, whose few large batched products are then
     cheaper) and at most _ROWS_MAX_ENTRIES stage-1 entries (beyond that the grouped search's batched
     products over each class's originals cost less per entry). Cached on the layout."""
@@ -189,7 +203,7 @@ def use_rows(layout) -> bool:
         if len(sizes) < 2:
             return False
         if compiled:
-            return row_entries(lay) <= _COMPILED_MAX_ENTRIES
+            return compiled_block_entries(lay) <= _COMPILED_MAX_BLOCK
         return min(sizes) != max(sizes) and row_entries(lay) <= _ROWS_MAX_ENTRIES
     return layout.extra(("use_rows", compiled), choose)
 
