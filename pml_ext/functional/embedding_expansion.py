@@ -388,9 +388,11 @@ _SEARCH = "auto"
 
 def search_path(layout: "BatchLayout") -> str:
     """The search the cost model picks for a label pattern (cached on the layout): "rows"
-    (:mod:`~pml_ext.functional.embedding_expansion_rows`) for unequal classes with a small
-    expanded set, else "groups" (:mod:`~pml_ext.functional.embedding_expansion_groups`) or
-    "blocked" (:mod:`~pml_ext.functional.embedding_expansion_blocked`)."""
+    (:mod:`~pml_ext.functional.embedding_expansion_rows`; with the compiled kernel for every pattern
+    of two or more classes whose kernel block fits, with tensor operations for unequal classes with a
+    small expanded set: :func:`~pml_ext.functional.use_rows`), else "groups"
+    (:mod:`~pml_ext.functional.embedding_expansion_groups`) or "blocked"
+    (:mod:`~pml_ext.functional.embedding_expansion_blocked`)."""
     from .embedding_expansion_groups import use_groups
     from .embedding_expansion_rows import use_rows
 
