@@ -404,6 +404,46 @@ def test_npair_structure_with_numpy_equals_the_tensor_operations_and_pml():
         assert sorted(zip(a.tolist(), p.tolist())) == sorted(zip(*(t.tolist() for t in pml)))
 
 
+@pytest.mark.skipif(not F.compiled_available(), reason="numba is not installed (pip install pml_ext[fast])")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("negate", [False, True])
+def test_compiled_npair_cross_entropy_equals_the_tensor_operations(dtype, negate):
+    """The dense N-pair's compiled gather + cross-entropy: PML's per-anchor losses (gather, sign,
+    torch's cross-entropy, reorder) and their gradients, on random class-pair values; a gradient
+    check in float64; one anchor (a 1 x 1 matrix: zero loss, zero gradient)."""
+    import pml_ext.losses.embedding_expansion_dense as eel
+
+    g = torch.Generator().manual_seed(43)
+    for y in (torch.randint(0, 9, (30,), generator=g), torch.tensor([0, 1, 1, 2, 3, 3, 3])):
+        layout = F.batch_layout(y, 2, "all", dtype)
+        a, index, targets = eel._npair_structure(layout)
+        c, b = layout.num_classes, y.numel()
+        hardest = torch.randn(c, c, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+        batch = torch.randn(b, b, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+        order = torch.randperm(a.numel(), generator=g)
+        got = eel._NPairCrossEntropy.apply(hardest, batch, index, order, negate)
+        sim = F.take(torch.cat([hardest.reshape(-1), batch.reshape(-1)]), index)
+        want = torch.nn.functional.cross_entropy(-sim if negate else sim, targets, reduction="none")[order]
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert got.dtype == dtype and torch.allclose(got, want, rtol=tol, atol=tol)
+        w = torch.randn(a.numel(), generator=g, dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad((got * w).sum(), (hardest, batch))
+        wants = torch.autograd.grad((want * w).sum(), (hardest, batch))
+        for u, v in zip(grads, wants):
+            assert torch.allclose(u, v, rtol=tol, atol=tol)
+        if dtype == torch.float64:
+            assert torch.autograd.gradcheck(lambda h, x: eel._NPairCrossEntropy.apply(h, x, index, order, negate),
+                                            (hardest.detach().requires_grad_(), batch.detach().requires_grad_()))
+    layout = F.batch_layout(torch.tensor([0, 0, 1, 2]), 2, "all", dtype)  # one anchor
+    a, index, _ = eel._npair_structure(layout)
+    hardest = torch.randn(3, 3, dtype=dtype, requires_grad=True)
+    batch = torch.randn(4, 4, dtype=dtype, requires_grad=True)
+    got = eel._NPairCrossEntropy.apply(hardest, batch, index, torch.zeros(1, dtype=torch.long), negate)
+    assert got.tolist() == [0.0]
+    got.sum().backward()
+    assert not hardest.grad.any() and not batch.grad.any()
+
+
 @pytest.mark.parametrize("inverted", [False, True])
 def test_class_pair_hardest_and_argbest_match_loops(inverted):
     g = torch.Generator().manual_seed(17)

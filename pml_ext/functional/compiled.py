@@ -4,8 +4,9 @@ Two per-batch costs of EE on CPU are mostly the fixed cost of many small operati
 arithmetic: the hard negative pair search and, for a new label pattern, the pattern's layout. With
 numba installed both run as compiled loops (:mod:`~pml_ext.functional.embedding_expansion_rows_kernel`,
 :mod:`~pml_ext.functional.embedding_expansion_layouts_kernel`), and so do the dense Triplet loss's
-triplet lists (:mod:`~pml_ext.functional.embedding_expansion_triplets_kernel`), with the same results
-(tested); without it, on GPU and in half precision, the tensor (and NumPy) code runs.
+triplet lists (:mod:`~pml_ext.functional.embedding_expansion_triplets_kernel`) and the dense N-pair
+loss's gather and cross-entropy (:mod:`~pml_ext.functional.embedding_expansion_npairs_kernel`), with
+the same results (tested); without it, on GPU and in half precision, the tensor (and NumPy) code runs.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import torch
 from pytorch_metric_learning import losses, reducers
 
 from .. import functional as F
+from ..functional.compiled import compiled_for
 from ..miners.embedding_expansion_miner import HardenedBatch
 
 __all__ = ["PLAIN_REDUCERS", "dense_loss"]
@@ -236,6 +237,39 @@ def _npair_index_tensors(layout: F.BatchLayout):
     return a, index
 
 
+class _NPairCrossEntropy(torch.autograd.Function):
+    """The dense N-pair loss's per-anchor losses from the hardened values by compiled loops
+    (:mod:`~pml_ext.functional.embedding_expansion_npairs_kernel`): the gather of the anchors'
+    similarity matrix, its sign, the cross-entropy and the reordering in one call, and their
+    gradient into the hardest values and the batch matrix in another."""
+
+    @staticmethod
+    def forward(ctx, hardest, batch, index, order, negate: bool):
+        from ..functional.embedding_expansion_npairs_kernel import npair_cross_entropy
+
+        ctx.arrays = (index.numpy(), order.numpy(), negate)
+        losses, ctx.prob = npair_cross_entropy(hardest.detach().numpy(), batch.detach().numpy(), *ctx.arrays)
+        ctx.shapes = hardest.shape, batch.shape
+        return torch.from_numpy(losses)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        from ..functional.embedding_expansion_npairs_kernel import npair_cross_entropy_backward
+
+        (hs, bs), index, order, negate = ctx.shapes, *ctx.arrays
+        g_h, g_b = npair_cross_entropy_backward(grad.contiguous().numpy(), ctx.prob, index, order, negate,
+                                                hs.numel(), bs.numel())
+        return torch.from_numpy(g_h).view(hs), torch.from_numpy(g_b).view(bs), None, None, None
+
+
+def _plain_cross_entropy(loss) -> bool:
+    """Whether the N-pair loss's cross-entropy is PML's (unweighted, no label smoothing, per row)."""
+    ce = loss.cross_entropy
+    return (type(ce) is torch.nn.CrossEntropyLoss and ce.weight is None and ce.label_smoothing == 0
+            and ce.reduction == "none")
+
+
 def _dense_npairs(loss, hb: HardenedBatch, labels):
     """NPairsLoss: PML's anchors and positives (lmu.convert_to_pos_pairs_with_unique_labels:
     the first two samples of each class, ordered by label), the cross-entropy over their
@@ -245,13 +279,18 @@ def _dense_npairs(loss, hb: HardenedBatch, labels):
     if loss.num_pairs == 0:
         return loss.zero_losses()
     a, index, targets = structure
-    # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive on
-    # its diagonal and its class pair's hardest value everywhere else: one gather, no [B, B] matrix
-    sim = F.take(torch.cat([hb.hardest.reshape(-1), hb.originals_mat.reshape(-1)]), index)
-    if not loss.distance.is_inverted:
-        sim = -sim
     # in class order (cached per label pattern), then in PML's order, by label: each anchor's loss
     # reads only its own row
     order = torch.argsort(labels.index_select(0, a))
-    per_anchor = loss.cross_entropy(sim, targets).index_select(0, order)
+    hardest, batch = hb.hardest, hb.originals_mat
+    if (compiled_for(hardest.device, hardest.dtype) and batch.dtype == hardest.dtype
+            and _plain_cross_entropy(loss)):
+        per_anchor = _NPairCrossEntropy.apply(hardest, batch, index, order, not loss.distance.is_inverted)
+    else:
+        # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive
+        # on its diagonal and its class pair's hardest value everywhere else: one gather, no [B, B] matrix
+        sim = F.take(torch.cat([hardest.reshape(-1), batch.reshape(-1)]), index)
+        if not loss.distance.is_inverted:
+            sim = -sim
+        per_anchor = loss.cross_entropy(sim, targets).index_select(0, order)
     return {"loss": {"losses": per_anchor, "indices": a.index_select(0, order), "reduction_type": "element"}}
