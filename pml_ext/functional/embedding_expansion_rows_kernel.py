@@ -1,18 +1,18 @@
 """EE's row search (Ko & Gu, CVPR 2020, §3.2) as one compiled CPU kernel (numba).
 
 Imported only when numba is installed (``pip install pml_ext[fast]``), by
-:func:`~pml_ext.functional.embedding_expansion_rows.compiled_row_search`. The row search with
-tensor operations issues ~200 of them per call; on CPU, for the few hundred points of a random or
+:func:`~pml_ext.functional.embedding_expansion_rows.compiled_row_search`. The row search with tensor
+operations issues ~200 of them per call; on CPU, for the few hundred points of a random or
 long-tailed batch, their fixed cost (6-20 µs each with cold caches, as in a training step) is most
 of its time, not arithmetic. This kernel does the search's no-grad part in one call, with the row
-search's arithmetic, stages and tie rules (tested: the same pairs and values): every point's
-squared norm and EE Eq. 2's scale; the originals' inner products with every point (G Wᵀ) with the
-points ordered class by class; stage 1 per class x but the largest, every point of x against
-every point of the other classes, kept as the best per column point in one [M] accumulator (an
-elementwise multiply-add-max over contiguous rows, which LLVM vectorises); stage 2 per class pair,
-the first column point of y attaining the segment's best; stage 3, the first point of x attaining
-it against that point; the largest class's pairs from the other class's side; the diagonal. No
-[C, M] table or index list is built.
+search's arithmetic, stages and tie rules (tested: the same pairs and values): every point's squared
+norm and EE Eq. 2's scale; the points ordered class by class; stage 1 per class x but the largest,
+the inner products of x's originals with every point (x's block of G Wᵀ), then every point of x
+against every point of the other classes, kept as the best per column point in one [M] accumulator
+(an elementwise multiply-add-max over contiguous rows, which LLVM vectorises); stage 2 per class
+pair, the first column point of y attaining the segment's best; stage 3, the first point of x
+attaining it against that point; the largest class's pairs from the other class's side; the
+diagonal. No [C, M] table or index list is built.
 """
 from __future__ import annotations
 
