@@ -444,6 +444,23 @@ def test_compiled_npair_cross_entropy_equals_the_tensor_operations(dtype, negate
     assert not hardest.grad.any() and not batch.grad.any()
 
 
+def test_npair_cross_entropy_runs_compiled_only_for_pmls_own():
+    """A user's cross-entropy (weights, label smoothing, an ignored target) runs as given: the compiled
+    one computes PML's only."""
+    import pml_ext.losses.embedding_expansion_dense as eel
+
+    loss = losses.NPairsLoss()
+    assert eel._plain_cross_entropy(loss)
+    for kwargs in ({"label_smoothing": 0.1}, {"ignore_index": 0}, {"weight": torch.ones(3)}):
+        loss.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none", **kwargs)
+        assert not eel._plain_cross_entropy(loss)
+    x, y = batch(seed=16, classes=(0, 0, 1, 1, 2, 2))
+    loss.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none", ignore_index=0)
+    got = EmbeddingExpansionLoss(loss)(x, y)
+    plain = EmbeddingExpansionLoss(losses.NPairsLoss())(x, y)
+    assert got.item() != pytest.approx(plain.item())  # anchor 0's loss ignored, as torch's does
+
+
 @pytest.mark.parametrize("inverted", [False, True])
 def test_class_pair_hardest_and_argbest_match_loops(inverted):
     g = torch.Generator().manual_seed(17)

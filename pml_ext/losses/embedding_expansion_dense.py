@@ -264,16 +264,17 @@ class _NPairCrossEntropy(torch.autograd.Function):
 
 
 def _plain_cross_entropy(loss) -> bool:
-    """Whether the N-pair loss's cross-entropy is PML's (unweighted, no label smoothing, per row)."""
+    """Whether the N-pair loss's cross-entropy is PML's (unweighted, no label smoothing, no ignored
+    target, per row): what the compiled cross-entropy computes."""
     ce = loss.cross_entropy
     return (type(ce) is torch.nn.CrossEntropyLoss and ce.weight is None and ce.label_smoothing == 0
-            and ce.reduction == "none")
+            and ce.ignore_index < 0 and ce.reduction == "none")
 
 
 def _dense_npairs(loss, hb: HardenedBatch, labels):
     """NPairsLoss: PML's anchors and positives (lmu.convert_to_pos_pairs_with_unique_labels:
     the first two samples of each class, ordered by label), the cross-entropy over their
-    hardened similarity matrix."""
+    hardened similarity matrix (by compiled loops where they run and the cross-entropy is PML's)."""
     structure = hb.layout.extra("npairs", _npair_structure)
     loss.num_pairs = 0 if structure is None else len(structure[0])
     if loss.num_pairs == 0:
@@ -282,13 +283,13 @@ def _dense_npairs(loss, hb: HardenedBatch, labels):
     # in class order (cached per label pattern), then in PML's order, by label: each anchor's loss
     # reads only its own row
     order = torch.argsort(labels.index_select(0, a))
+    # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive on
+    # its diagonal and its class pair's hardest value everywhere else: one gather, no [B, B] matrix
     hardest, batch = hb.hardest, hb.originals_mat
     if (compiled_for(hardest.device, hardest.dtype) and batch.dtype == hardest.dtype
             and _plain_cross_entropy(loss)):
         per_anchor = _NPairCrossEntropy.apply(hardest, batch, index, order, not loss.distance.is_inverted)
     else:
-        # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive
-        # on its diagonal and its class pair's hardest value everywhere else: one gather, no [B, B] matrix
         sim = F.take(torch.cat([hardest.reshape(-1), batch.reshape(-1)]), index)
         if not loss.distance.is_inverted:
             sim = -sim
