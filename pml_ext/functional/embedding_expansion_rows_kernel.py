@@ -225,6 +225,8 @@ def pair_values_backward(u, b, rows, cols, first, second, weights, value, base, 
     for x in range(c):
         for y in range(c):
             g = u[x, y]
+            if g == 0:  # a pair the loss did not read (N-pair reads only its anchors' classes)
+                continue
             v = value[x, y]
             if power != 1.0:
                 g = g * power * v ** (power - 1)
