@@ -184,7 +184,9 @@ def compiled_block_entries(layout) -> int:
     sizes = layout.class_sizes.tolist()
     if len(sizes) < 2:
         return 0
-    counts = torch.bincount(layout.classes, minlength=len(sizes)).tolist()
+    classes = layout.classes
+    counts = (np.bincount(classes.numpy(), minlength=len(sizes)) if classes.device.type == "cpu"
+              else torch.bincount(classes, minlength=len(sizes))).tolist()
     del counts[sizes.index(max(sizes))]
     return max(counts) * sum(sizes)
 
