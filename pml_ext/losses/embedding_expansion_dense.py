@@ -210,27 +210,28 @@ def _npair_structure(layout: F.BatchLayout):
 
 
 def _npair_index_numpy(layout: F.BatchLayout):
-    """(a, index) of :func:`_npair_structure` with NumPy (CPU)."""
+    """(a, index) of :func:`_npair_structure` with NumPy (CPU), from the layout's [C, K] table of
+    each class's samples in batch order (padding: B)."""
     c, b = layout.num_classes, layout.classes.numel()
-    cls = layout.classes.numpy()
-    by_class = np.argsort(cls, kind="stable")  # batch order inside each class
-    sizes = np.bincount(cls, minlength=c)
-    ca = np.flatnonzero(sizes > 1)  # the anchors' classes
-    starts = (np.cumsum(sizes) - sizes)[ca]
-    a, p = by_class[starts], by_class[starts + 1]
+    slots = layout._original_slots.numpy()
+    if slots.shape[1] < 2:  # only singletons
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long)
+    ca = np.flatnonzero(slots[:, 1] < b)  # the anchors' classes
+    a, p = slots[ca, 0], slots[ca, 1]
     index = ca[:, None] * c + ca[None, :]
     np.fill_diagonal(index, c * c + a * b + p)
     return torch.from_numpy(a), torch.from_numpy(index)
 
 
 def _npair_index_tensors(layout: F.BatchLayout):
-    """(a, index) of :func:`_npair_structure` with tensor operations (any device)."""
+    """(a, index) of :func:`_npair_structure` with tensor operations (any device), from the same
+    table."""
     c, b = layout.num_classes, layout.classes.numel()
-    members = layout.originals.view(c, -1) if c else layout.originals.view(0, 1)  # batch order inside each class
-    if members.shape[1] < 2:  # only singletons
-        return members.new_zeros(0), members.new_zeros(0, 0)
-    has_pair = torch.bincount(layout.classes, minlength=c) > 1
-    a, p = members[has_pair, 0], members[has_pair, 1]
+    slots = layout._original_slots
+    if slots.shape[1] < 2:  # only singletons
+        return slots.new_zeros(0), slots.new_zeros(0, 0)
+    has_pair = slots[:, 1] < b
+    a, p = slots[has_pair, 0], slots[has_pair, 1]
     ca = layout.classes[a]
     index = ca[:, None] * c + ca[None, :]
     index.diagonal().copy_(c * c + a * b + p)
