@@ -8,11 +8,11 @@ of its time, not arithmetic. This kernel does the search's no-grad part in one c
 search's arithmetic, stages and tie rules (tested: the same pairs and values): every point's squared
 norm and EE Eq. 2's scale; the points ordered class by class; stage 1 per class x but the largest,
 the inner products of x's originals with every point (x's block of G Wᵀ), then every point of x
-against every point of the other classes, kept as the best per column point in one [M] accumulator
-(an elementwise multiply-add-max over contiguous rows, which LLVM vectorises); stage 2 per class
-pair, the first column point of y attaining the segment's best; stage 3, the first point of x
-attaining it against that point; the largest class's pairs from the other class's side; the
-diagonal. No [C, M] table or index list is built.
+against every point of the other classes, kept as the best per column point and the first point of
+x attaining it in two [M] accumulators (an elementwise multiply-add and select over contiguous rows,
+which LLVM vectorises); stage 2 per class pair, the first column point of y attaining the segment's
+best, whose row point stage 1 kept (the row search's stage 3); the largest class's pairs from the
+other class's side; the diagonal. No [C, M] table or index list is built.
 """
 from __future__ import annotations
 
@@ -35,11 +35,24 @@ def segment_max(h, lo, hi):
 
 
 @numba.njit(cache=True, nogil=True)
-def _max_into(acc, gf, gs, wf, ws, lo, hi):
-    """acc[q] = max(acc[q], gf[q]·wf + gs[q]·ws) for q in [lo, hi): no reduction, so LLVM vectorises
-    it (the unsigned range spares the negative-index wraparound that keeps it scalar)."""
+def _combine_into(out, g, f, s, wf, ws, m):
+    """out[q] = g[f[q]]·wf[q] + g[s[q]]·ws[q]; unsigned indices spare numba's negative-index
+    wraparound (~0.64 vs ~1.0 ns per entry)."""
+    for q in range(np.uint64(m)):
+        out[q] = g[f[q]] * wf[q] + g[s[q]] * ws[q]
+
+
+@numba.njit(cache=True, nogil=True)
+def _argmax_into(acc, idx, i, gf, gs, wf, ws, lo, hi):
+    """acc[q], idx[q] = v, i where v = gf[q]·wf + gs[q]·ws is larger than acc[q] (the first best
+    is kept, NaN never), for q in [lo, hi): selects, not branches, and an unsigned range (no
+    negative-index wraparound), so LLVM vectorises it."""
     for q in range(np.uint64(lo), np.uint64(hi)):
-        acc[q] = max(acc[q], gf[q] * wf + gs[q] * ws)
+        v = gf[q] * wf + gs[q] * ws
+        a = acc[q]
+        c = v > a
+        acc[q] = v if c else a
+        idx[q] = i if c else idx[q]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -95,7 +108,7 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
     for p in range(m):
         order[fill[point_class[p]]] = p
         fill[point_class[p]] += 1
-    sq_o, f_o, s_o = sq[order], first[order], second[order]
+    sq_o, f_o, s_o = sq[order], first[order].astype(np.uint64), second[order].astype(np.uint64)
     wf_o, ws_o = weights[0][order], weights[1][order]
     # a class's originals open its segment (they precede the synthetic points); local[j]: original
     # j's place among its class's, its row in that class's block of G Wᵀ
@@ -111,7 +124,7 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
             block_rows = max(block_rows, n_orig[x])
     gt = np.empty((block_rows, m), gram.dtype)  # gt[local[j], q] = <original j, point order[q]>, one class's
     # hardness h = ±value, larger is harder; without a transform the sign goes into the weights
-    # (exact: negation commutes with rounding) and a row's pass is a vectorised multiply-add-max
+    # (exact: negation commutes with rounding) and a row's pass is a vectorised multiply-add-select
     typed = np.ones(2, gram.dtype)  # the sign in the Gram matrix's dtype, and _hardness's rounding buffer
     if not inverted:
         typed[0] = -1.0
@@ -121,52 +134,42 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
     rows = np.zeros((c, c), np.int64)
     cols = np.zeros((c, c), np.int64)
     acc = np.empty(m, gram.dtype)
+    idx = np.empty(m, np.int32)  # a point of x per column point (int32: twice the lanes of int64)
     for x in range(c):
         if x == largest:  # its pairs come from the other classes' side, below
             continue
         x0, x1 = start[x], start[x + 1]
         for k in range(n_orig[x]):  # x's block of G Wᵀ (the largest class's is never needed)
-            g = gram[order[x0 + k]]
-            for q in range(np.uint64(m)):
-                gt[k, q] = g[f_o[q]] * wf_o[q] + g[s_o[q]] * ws_o[q]
+            _combine_into(gt[k], gram[order[x0 + k]], f_o, s_o, wf_o, ws_o, m)
         acc[:] = -np.inf
-        # stage 1: acc[q] = the best hardness of x's points against point q (every other class's)
+        idx[:] = x0
+        # stage 1: acc[q] = the best hardness of x's points against point q (every other class's),
+        # idx[q] the first point of x attaining it (x's first point if none does: NaN values)
         for i in range(x0, x1):
             r = order[i]
             gf, gs, sq_r = gt[local[first[r]]], gt[local[second[r]]], sq[r]
             if plain:
-                _max_into(acc, gf, gs, weights[0, r] * sg, weights[1, r] * sg, 0, x0)
-                _max_into(acc, gf, gs, weights[0, r] * sg, weights[1, r] * sg, x1, m)
+                _argmax_into(acc, idx, i, gf, gs, weights[0, r] * sg, weights[1, r] * sg, 0, x0)
+                _argmax_into(acc, idx, i, gf, gs, weights[0, r] * sg, weights[1, r] * sg, x1, m)
             else:
                 for q in range(m):
                     if q < x0 or q >= x1:
                         v = _hardness(gf[q] * weights[0, r] + gs[q] * weights[1, r], sq_r, sq_o[q], off_sphere,
                                       pw, sg, tiny, buf)
-                        acc[q] = max(acc[q], v)
+                        if v > acc[q]:
+                            acc[q], idx[q] = v, i
         for y in range(c):
             if y == x:
                 continue
-            # stage 2: the first point of y attaining the best (none: NaN values; its first then)
+            # stage 2: the first point of y attaining the best (none: NaN values; its first then),
+            # against the point of x stage 1 kept for it
             s0, s1 = start[y], start[y + 1]
             bh = segment_max(acc, s0, s1)
             q = s0
             while q < s1 and acc[q] != bh:
                 q += 1
             q = s0 if q == s1 else q
-            # stage 3: the first point of x attaining it against that point, its values recomputed
-            # as stage 1 computed them (the first best of them, should rounding ever differ)
-            top, i_best = -np.inf, x0
-            for i in range(x0, x1):
-                r = order[i]
-                gf_q, gs_q = gt[local[first[r]], q], gt[local[second[r]], q]
-                if plain:
-                    v = gf_q * (weights[0, r] * sg) + gs_q * (weights[1, r] * sg)
-                else:
-                    v = _hardness(gf_q * weights[0, r] + gs_q * weights[1, r], sq[r], sq_o[q], off_sphere, pw, sg,
-                                  tiny, buf)
-                if v > top:
-                    top, i_best = v, i
-            best[x, y], rows[x, y], cols[x, y] = sg * bh, order[i_best], order[q]
+            best[x, y], rows[x, y], cols[x, y] = sg * bh, order[idx[q]], order[q]
     if largest < c:  # the largest class's pairs from the other class's side, as the row search
         for y in range(c):
             if y != largest:
