@@ -526,12 +526,26 @@ def test_gram_function_gradients_and_double_backward():
     assert torch.allclose(y.grad, 2 * torch.ones(6, 6) @ y.detach(), rtol=2e-2, atol=2e-2)
 
 
-def test_normalized_gram_is_normalize_then_gram():
-    """The fused L2-normalise + Gram function: exact gradients twice, and the same values (up to
-    rounding: it divides x xᵀ by the norms' products) and gradients as PML's normalize followed by
-    the Gram matrix, zero and tiny rows included."""
+def _gram_kernels(monkeypatch, mode):
+    """The normalised Gram matrix's compiled [B, B] steps on ("auto"; skip without numba) or off."""
+    import importlib.util
+
+    import pml_ext.functional.compiled as K
+
+    if mode == "auto" and importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed (pip install pml_ext[fast])")
+    monkeypatch.setattr(K, "_COMPILED", mode)
+
+
+@pytest.mark.parametrize("compiled", ["off", "auto"])
+def test_normalized_gram_is_normalize_then_gram(monkeypatch, compiled):
+    """The fused L2-normalise + Gram function, with tensor operations and with the compiled [B, B]
+    steps: exact gradients twice, and the same values (up to rounding: it divides x xᵀ by the
+    norms' products) and gradients as PML's normalize followed by the Gram matrix, zero and tiny
+    rows included."""
     from pml_ext.functional.primitives import _Gram, _NormalizedGram
 
+    _gram_kernels(monkeypatch, compiled)
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_NormalizedGram.apply, (x,))
     assert torch.autograd.gradgradcheck(_NormalizedGram.apply, (x,))
@@ -548,6 +562,31 @@ def test_normalized_gram_is_normalize_then_gram():
         (ref * w).sum().backward()
         assert torch.isfinite(a.grad).all()
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+def test_normalized_gram_compiled_equals_tensor_operations(monkeypatch, dtype, tol):
+    """The compiled [B, B] steps (norms from x xᵀ's diagonal) give the tensor operations' values
+    and gradients to rounding, with an asymmetric incoming gradient and a row clamped to eps; the
+    result stays exactly symmetric."""
+    from pml_ext.functional.primitives import _NormalizedGram
+
+    _gram_kernels(monkeypatch, "auto")
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 16, generator=g, dtype=dtype)
+    base[5] *= 1e-14
+    w = torch.randn(40, 40, generator=g, dtype=dtype)
+    out = {}
+    for mode in ("auto", "off"):
+        _gram_kernels(monkeypatch, mode)
+        x = base.clone().requires_grad_(True)
+        gram = _NormalizedGram.apply(x)
+        (gram * w).sum().backward()
+        out[mode] = gram.detach(), x.grad
+    assert torch.equal(out["auto"][0], out["auto"][0].t())
+    assert torch.allclose(out["auto"][0], out["off"][0], rtol=tol, atol=tol)
+    assert torch.allclose(out["auto"][1], out["off"][1], rtol=tol, atol=tol)
+    assert out["auto"][1][5].abs().max() > 0  # the clamped row's gradient: 1/eps scale, no projection
 
 
 @pytest.mark.parametrize("make, fused", [

@@ -5,8 +5,9 @@ arithmetic: the hard negative pair search and, for a new label pattern, the patt
 numba installed both run as compiled loops (:mod:`~pml_ext.functional.embedding_expansion_rows_kernel`,
 :mod:`~pml_ext.functional.embedding_expansion_layouts_kernel`), and so do the dense Triplet loss's
 triplet lists (:mod:`~pml_ext.functional.embedding_expansion_triplets_kernel`) and the dense N-pair
-loss's gather and cross-entropy (:mod:`~pml_ext.functional.embedding_expansion_npairs_kernel`), with
-the same results (tested); without it, on GPU and in half precision, the tensor (and NumPy) code runs.
+loss's gather and cross-entropy (:mod:`~pml_ext.functional.embedding_expansion_npairs_kernel`) and the
+normalised Gram matrix's [B, B] steps (:mod:`~pml_ext.functional.primitives_kernel`), with the same
+results (tested); without it, on GPU and in half precision, the tensor (and NumPy) code runs.
 """
 from __future__ import annotations
 

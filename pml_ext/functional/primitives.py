@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .compiled import compiled_for
+
 __all__ = ["take", "take_columns", "safe_sqrt", "normalized_gram"]
 
 
@@ -76,29 +78,43 @@ class _NormalizedGram(torch.autograd.Function):
     Its backward is one product, A x with A = N⁻¹ (g + gᵀ) N⁻¹ − diag(⟨(g + gᵀ)ᵢ, Gᵢ⟩ / nᵢ²) (the
     row-wise projection of normalize's backward written with the Gram matrix G, so that every
     step but the product is on [B, B]); autograd's backward of ``normalize`` alone costs several
-    broadcast reductions over [B, d] (on CPU, more than the Gram product)."""
+    broadcast reductions over [B, d] (on CPU, more than the Gram product). With numba, on CPU in
+    float32 / float64, the [B, B] steps are compiled loops and the norms are read off x xᵀ's
+    diagonal (:mod:`~pml_ext.functional.primitives_kernel`)."""
 
     @staticmethod
     def forward(ctx, x):
+        gram = x @ x.t()
+        if compiled_for(gram.device, gram.dtype):
+            from .primitives_kernel import normalize_gram_
+
+            inv, projected = (torch.from_numpy(a) for a in normalize_gram_(gram.numpy(), _NORMALIZE_EPS))
+            ctx.save_for_backward(x, gram, inv, projected)
+            return gram
         denom = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
         inv = denom.reciprocal()
-        gram = (x @ x.t()).mul_(inv * inv.t())  # one symmetric factor: the result stays exactly symmetric
-        ctx.save_for_backward(x, gram, inv, denom)
+        gram.mul_(inv * inv.t())  # one symmetric factor: the result stays exactly symmetric
+        ctx.save_for_backward(x, gram, inv.squeeze(1), denom.squeeze(1) > _NORMALIZE_EPS)
         return gram
 
     @staticmethod
     def backward(ctx, g):
-        x, gram, inv, denom = ctx.saved_tensors
+        x, gram, inv, projected = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: ŷ and the norm again, as functions of x
             denom = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
             y = x / denom
             gy = (g + g.t()).to(y.dtype) @ y
             along = (gy * y).sum(1, keepdim=True) * (denom > _NORMALIZE_EPS)
             return (gy - y * along) / denom
+        if g.dtype == gram.dtype and compiled_for(g.device, g.dtype):
+            from .primitives_kernel import normalized_gram_backward
+
+            s = normalized_gram_backward(g.contiguous().numpy(), gram.numpy(), inv.numpy(), projected.numpy())
+            return torch.from_numpy(s).to(x.dtype) @ x
         s = (g + g.t()).to(x.dtype)
         # a row whose norm was clamped to eps is divided by a constant: no projection
-        along = torch.linalg.vecdot(s, gram, dim=1) * (denom > _NORMALIZE_EPS).squeeze(1)
-        s.mul_(inv * inv.t()).diagonal().sub_(along * inv.squeeze(1).square())
+        along = torch.linalg.vecdot(s, gram, dim=1) * projected
+        s.mul_(inv[:, None] * inv[None, :]).diagonal().sub_(along * inv.square())
         return s @ x
 
 
