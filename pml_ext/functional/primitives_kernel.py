@@ -18,6 +18,10 @@ import numpy as np
 __all__ = ["normalize_gram_", "normalized_gram_backward"]
 
 
+_TILE = 16  # the mirrored writes and transposed reads go tile by tile: column by column they cost
+# ~2x at B = 128 and ~4.5x at B = 256 (power-of-two strides share cache sets)
+
+
 @numba.njit(cache=True, nogil=True)
 def normalize_gram_(gram, eps):
     """Turn the Gram matrix x xᵀ [B, B] in place into ŷ ŷᵀ, ŷ = x / max(‖x‖, eps) row-wise, with
@@ -31,29 +35,46 @@ def normalize_gram_(gram, eps):
         norm = math.sqrt(max(gram[i, i], 0.0))
         projected[i] = norm > eps
         inv[i] = 1 / max(norm, eps)
-    for i in range(b):
-        row, f = gram[i], inv[i]
-        for j in range(i, b):
-            v = row[j] * (f * inv[j])
-            row[j] = v
-            gram[j, i] = v
+    for t0 in range(0, b, _TILE):
+        for u0 in range(t0, b, _TILE):
+            for i in range(t0, min(t0 + _TILE, b)):
+                f = inv[i]
+                for j in range(max(u0, i), min(u0 + _TILE, b)):
+                    v = gram[i, j] * (f * inv[j])
+                    gram[i, j] = v
+                    gram[j, i] = v
     return inv, projected
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _dot64(a, b):
+    """⟨a, b⟩ accumulated in float64 (fastmath: LLVM may reorder the sum, and vectorises it)."""
+    t = 0.0
+    for j in range(a.shape[0]):
+        t += np.float64(a[j]) * np.float64(b[j])
+    return t
 
 
 @numba.njit(cache=True, nogil=True)
 def normalized_gram_backward(g, gram, inv, projected):
     """A = N⁻¹ (g + gᵀ) N⁻¹ − diag(⟨(g + gᵀ)ᵢ, Gᵢ⟩ / nᵢ²) [B, B] for the incoming gradient ``g`` and
     the normalised Gram matrix ``gram`` (the gradient with respect to x is A x); the diagonal's
-    term only for ``projected`` rows. Row sums accumulated in float64."""
+    term only for ``projected`` rows."""
     b = g.shape[0]
     s = np.empty_like(g)
+    for t0 in range(0, b, _TILE):
+        for u0 in range(t0, b, _TILE):
+            for i in range(t0, min(t0 + _TILE, b)):
+                for j in range(max(u0, i), min(u0 + _TILE, b)):
+                    v = g[i, j] + g[j, i]
+                    s[i, j] = v
+                    s[j, i] = v
     for i in range(b):
-        along = 0.0
+        row = s[i]
+        along = _dot64(row, gram[i])
         f = inv[i]
-        for j in range(b):
-            v = g[i, j] + g[j, i]
-            along += v * gram[i, j]
-            s[i, j] = v * (f * inv[j])
+        for j in range(np.uint64(b)):
+            row[j] *= f * inv[j]
         if projected[i]:
-            s[i, i] -= along * (f * f)
+            row[i] -= along * (f * f)
     return s
