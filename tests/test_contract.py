@@ -100,16 +100,18 @@ def test_every_distance(name, dist):
 def test_degenerate_batches_are_well_defined_and_connected_to_graph(name, labels):
     """No synthetic points or no negatives: EE equals the plain loss (zero where it needs
     tuples that do not exist, e.g. triplets; pair losses with only negatives or only positives
-    keep their value). HPHN has no valid anchor: zero. An empty batch: zero, as PML's losses."""
+    keep their value). HPHN has no valid anchor: zero. An empty batch: zero, as PML's losses.
+    Equal to float32 rounding: EE and PML compute the same distances by different arithmetic (an
+    unseeded rel=1e-6 failed ~3% of draws for Contrastive's few contributing pairs)."""
     y = torch.tensor(labels, dtype=torch.long)
-    x = torch.randn(len(labels), 6, requires_grad=True)
+    x = torch.randn(len(labels), 6, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     obj = make(name)
     out = obj(x, y)
     assert torch.isfinite(out)
     if name == "HPHNTripletLoss":
         assert out.item() == 0
     else:
-        assert out.item() == pytest.approx(obj.loss(x, y).item(), rel=1e-6, abs=1e-7)
+        assert out.item() == pytest.approx(obj.loss(x, y).item(), rel=1e-5, abs=1e-6)
     assert out.requires_grad
     out.backward()
     assert torch.isfinite(x.grad).all()
