@@ -526,8 +526,8 @@ def test_gram_function_gradients_and_double_backward():
     assert torch.allclose(y.grad, 2 * torch.ones(6, 6) @ y.detach(), rtol=2e-2, atol=2e-2)
 
 
-def _gram_kernels(monkeypatch, mode):
-    """The normalised Gram matrix's compiled [B, B] steps on ("auto"; skip without numba) or off."""
+def _compiled_kernels(monkeypatch, mode):
+    """The compiled kernels on ("auto"; skip without numba) or off."""
     import importlib.util
 
     import pml_ext.functional.compiled as K
@@ -545,7 +545,7 @@ def test_normalized_gram_is_normalize_then_gram(monkeypatch, compiled):
     rows included."""
     from pml_ext.functional.primitives import _Gram, _NormalizedGram
 
-    _gram_kernels(monkeypatch, compiled)
+    _compiled_kernels(monkeypatch, compiled)
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_NormalizedGram.apply, (x,))
     assert torch.autograd.gradgradcheck(_NormalizedGram.apply, (x,))
@@ -571,14 +571,14 @@ def test_normalized_gram_compiled_equals_tensor_operations(monkeypatch, dtype, t
     result stays exactly symmetric."""
     from pml_ext.functional.primitives import _NormalizedGram
 
-    _gram_kernels(monkeypatch, "auto")
+    _compiled_kernels(monkeypatch, "auto")
     g = torch.Generator().manual_seed(3)
     base = torch.randn(40, 16, generator=g, dtype=dtype)
     base[5] *= 1e-14
     w = torch.randn(40, 40, generator=g, dtype=dtype)
     out = {}
     for mode in ("auto", "off"):
-        _gram_kernels(monkeypatch, mode)
+        _compiled_kernels(monkeypatch, mode)
         x = base.clone().requires_grad_(True)
         gram = _NormalizedGram.apply(x)
         (gram * w).sum().backward()
@@ -645,7 +645,11 @@ def test_gradcheck_hardened_matrix_every_distance(make_distance, normalize, clas
                                     eps=1e-6, atol=1e-5)
 
 
-def test_layout_cache_reuses_a_label_pattern_and_matches_the_uncached_path():
+@pytest.mark.parametrize("compiled", ["off", "auto"])
+def test_layout_cache_reuses_a_label_pattern_and_matches_the_uncached_path(monkeypatch, compiled):
+    """A pattern with other class ids hits its layout (by the pattern check, or with the compiled
+    class numbering by the numbering itself), also after another pattern; the uncached path agrees."""
+    _compiled_kernels(monkeypatch, compiled)
     x, y = batch(seed=43, classes=(0, 0, 1, 1, 1, 2, 2, 0, 3, 3))
     miner = EmbeddingExpansionMiner(n_points=2)
     F.embedding_expansion._LAYOUT_CACHE.clear()
@@ -662,6 +666,8 @@ def test_layout_cache_reuses_a_label_pattern_and_matches_the_uncached_path():
     assert torch.allclose(F.hardened_pair_matrix(hp.originals_mat, cls, cls, hp.hardest), hb2.hardened_matrix(),
                           atol=1e-12)
     miner.harden(x, torch.arange(10) % 3)  # another pattern: its own layout
+    assert len(F.embedding_expansion._LAYOUT_CACHE) == 2
+    assert miner.harden(x, torch.tensor([4, 1, 0, 3])[y]).layout is hb1.layout  # the first pattern again
     assert len(F.embedding_expansion._LAYOUT_CACHE) == 2
 
 
