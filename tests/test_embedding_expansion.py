@@ -408,22 +408,31 @@ def test_npair_structure_with_numpy_equals_the_tensor_operations_and_pml():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("negate", [False, True])
 def test_compiled_npair_cross_entropy_equals_the_tensor_operations(dtype, negate):
-    """The dense N-pair's compiled gather + cross-entropy: PML's per-anchor losses (gather, sign,
-    torch's cross-entropy, reorder) and their gradients, on random class-pair values; a gradient
-    check in float64; one anchor (a 1 x 1 matrix: zero loss, zero gradient)."""
+    """The dense N-pair's compiled anchors + gather + cross-entropy: PML's anchors in PML's order
+    and per-anchor losses (structure, gather, sign, torch's cross-entropy, ordering by label) and
+    their gradients, on random class-pair values and labels; a gradient check in float64; one
+    anchor (a 1 x 1 matrix: zero loss, zero gradient); no anchor (empty)."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
     import pml_ext.losses.embedding_expansion_dense as eel
 
     g = torch.Generator().manual_seed(43)
-    for y in (torch.randint(0, 9, (30,), generator=g), torch.tensor([0, 1, 1, 2, 3, 3, 3])):
+    for y in (torch.randint(0, 9, (30,), generator=g), torch.tensor([0, 1, 1, 2, 3, 3, 3]),
+              torch.randint(0, 40, (50,), generator=g)):
         layout = F.batch_layout(y, 2, "all", dtype)
-        a, index, targets = eel._npair_structure(layout)
+        a, index = eel._npair_structure(layout)
+        labels = torch.randperm(1000, generator=g)[:layout.num_classes][layout.classes]  # any class ids
         c, b = layout.num_classes, y.numel()
         hardest = torch.randn(c, c, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
         batch = torch.randn(b, b, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
-        order = torch.randperm(a.numel(), generator=g)
-        got = eel._NPairCrossEntropy.apply(hardest, batch, index, order, negate)
+        slots = layout._original_slots
+        got, anchors = eel._NPairCrossEntropy.apply(hardest, batch, slots, labels, negate)
+        order = torch.argsort(labels[a])
+        assert torch.equal(anchors, a[order])
+        assert torch.equal(anchors, lmu.convert_to_pos_pairs_with_unique_labels(None, labels)[0])
         sim = F.take(torch.cat([hardest.reshape(-1), batch.reshape(-1)]), index)
-        want = torch.nn.functional.cross_entropy(-sim if negate else sim, targets, reduction="none")[order]
+        want = torch.nn.functional.cross_entropy(-sim if negate else sim, torch.arange(a.numel()),
+                                                 reduction="none")[order]
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         assert got.dtype == dtype and torch.allclose(got, want, rtol=tol, atol=tol)
         w = torch.randn(a.numel(), generator=g, dtype=torch.float64).to(dtype)
@@ -432,16 +441,17 @@ def test_compiled_npair_cross_entropy_equals_the_tensor_operations(dtype, negate
         for u, v in zip(grads, wants):
             assert torch.allclose(u, v, rtol=tol, atol=tol)
         if dtype == torch.float64:
-            assert torch.autograd.gradcheck(lambda h, x: eel._NPairCrossEntropy.apply(h, x, index, order, negate),
+            assert torch.autograd.gradcheck(lambda h, x: eel._NPairCrossEntropy.apply(h, x, slots, labels, negate)[0],
                                             (hardest.detach().requires_grad_(), batch.detach().requires_grad_()))
-    layout = F.batch_layout(torch.tensor([0, 0, 1, 2]), 2, "all", dtype)  # one anchor
-    a, index, _ = eel._npair_structure(layout)
-    hardest = torch.randn(3, 3, dtype=dtype, requires_grad=True)
-    batch = torch.randn(4, 4, dtype=dtype, requires_grad=True)
-    got = eel._NPairCrossEntropy.apply(hardest, batch, index, torch.zeros(1, dtype=torch.long), negate)
-    assert got.tolist() == [0.0]
-    got.sum().backward()
-    assert not hardest.grad.any() and not batch.grad.any()
+    for y, n in ((torch.tensor([0, 0, 1, 2]), 1), (torch.tensor([0, 1, 2]), 0)):  # one anchor; none
+        layout = F.batch_layout(y, 2, "all", dtype)
+        hardest = torch.randn(3, 3, dtype=dtype, requires_grad=True)
+        batch = torch.randn(len(y), len(y), dtype=dtype, requires_grad=True)
+        got, anchors = eel._NPairCrossEntropy.apply(hardest, batch, layout._original_slots, y, negate)
+        assert got.tolist() == [0.0] * n and anchors.tolist() == [0] * n
+        if n:
+            got.sum().backward()
+            assert not hardest.grad.any() and not batch.grad.any()
 
 
 @pytest.mark.skipif(not F.compiled_available(), reason="numba is not installed (pip install pml_ext[fast])")

@@ -197,16 +197,14 @@ def _dense_contrastive(loss, hb: HardenedBatch, labels):
 
 def _npair_structure(layout: F.BatchLayout):
     """PML's N-pair choice, for every class with a positive pair its first two samples (a, p), in
-    class order, with what the dense loss reads per call: the [n, n] flat index of the anchors'
-    similarity matrix into the concatenated hardest values [C, C] and batch matrix [B, B] (each
-    anchor's class pairs, its own positive pair on the diagonal) and the cross-entropy's targets.
-    Built with NumPy on CPU (a new label pattern, every step for random batches, pays a few NumPy
-    calls instead of ~15 tensor operations)."""
+    class order, with what the dense loss's tensor path reads per call: the [n, n] flat index of the
+    anchors' similarity matrix into the concatenated hardest values [C, C] and batch matrix [B, B]
+    (each anchor's class pairs, its own positive pair on the diagonal). Built with NumPy on CPU (a
+    new label pattern, every step for random batches, pays a few NumPy calls instead of ~15 tensor
+    operations)."""
     build = _npair_index_numpy if layout.classes.device.type == "cpu" else _npair_index_tensors
     a, index = build(layout)
-    if a.numel() == 0:
-        return None
-    return a, index, torch.arange(a.numel(), device=a.device)
+    return None if a.numel() == 0 else (a, index)
 
 
 def _npair_index_numpy(layout: F.BatchLayout):
@@ -239,29 +237,32 @@ def _npair_index_tensors(layout: F.BatchLayout):
 
 
 class _NPairCrossEntropy(torch.autograd.Function):
-    """The dense N-pair loss's per-anchor losses from the hardened values by compiled loops
-    (:mod:`~pml_ext.functional.embedding_expansion_npairs_kernel`): the gather of the anchors'
-    similarity matrix, its sign, the cross-entropy and the reordering in one call, and their
-    gradient into the hardest values and the batch matrix in another."""
+    """The dense N-pair loss from the hardened values by compiled loops
+    (:mod:`~pml_ext.functional.embedding_expansion_npairs_kernel`): the anchors from the layout's
+    per-class sample table, the gather of their similarity matrix, its sign, the cross-entropy and
+    the ordering by label in one call, their gradient into the hardest values and the batch matrix
+    in another. Returns the per-anchor losses and the anchors (PML's order), the latter not
+    differentiable."""
 
     @staticmethod
-    def forward(ctx, hardest, batch, index, order, negate: bool):
+    def forward(ctx, hardest, batch, slots, labels, negate: bool):
         from ..functional.embedding_expansion_npairs_kernel import npair_cross_entropy
 
-        ctx.arrays = (index.numpy(), order.numpy(), negate)
-        losses, ctx.prob = npair_cross_entropy(hardest.detach().numpy(), batch.detach().numpy(), *ctx.arrays)
-        ctx.shapes = hardest.shape, batch.shape
-        return torch.from_numpy(losses)
+        slots = slots.numpy()
+        losses, prob, anchor_classes, order, anchors = npair_cross_entropy(
+            hardest.detach().numpy(), batch.detach().numpy(), slots, labels.numpy(), negate)
+        ctx.arrays = prob, anchor_classes, order, slots, negate, hardest.shape[0], batch.shape[0]
+        anchors = torch.from_numpy(anchors)
+        ctx.mark_non_differentiable(anchors)
+        return torch.from_numpy(losses), anchors
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         from ..functional.embedding_expansion_npairs_kernel import npair_cross_entropy_backward
 
-        (hs, bs), index, order, negate = ctx.shapes, *ctx.arrays
-        g_h, g_b = npair_cross_entropy_backward(grad.contiguous().numpy(), ctx.prob, index, order, negate,
-                                                hs.numel(), bs.numel())
-        return torch.from_numpy(g_h).view(hs), torch.from_numpy(g_b).view(bs), None, None, None
+        g_h, g_b = npair_cross_entropy_backward(grad.contiguous().numpy(), *ctx.arrays)
+        return torch.from_numpy(g_h), torch.from_numpy(g_b), None, None, None
 
 
 def _plain_cross_entropy(loss) -> bool:
@@ -276,23 +277,27 @@ def _dense_npairs(loss, hb: HardenedBatch, labels):
     """NPairsLoss: PML's anchors and positives (lmu.convert_to_pos_pairs_with_unique_labels:
     the first two samples of each class, ordered by label), the cross-entropy over their
     hardened similarity matrix (by compiled loops where they run and the cross-entropy is PML's)."""
-    structure = hb.layout.extra("npairs", _npair_structure)
-    loss.num_pairs = 0 if structure is None else len(structure[0])
-    if loss.num_pairs == 0:
-        return loss.zero_losses()
-    a, index, targets = structure
-    # in class order (cached per label pattern), then in PML's order, by label: each anchor's loss
-    # reads only its own row
-    order = torch.argsort(labels.index_select(0, a))
     # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive on
     # its diagonal and its class pair's hardest value everywhere else: one gather, no [B, B] matrix
     hardest, batch = hb.hardest, hb.originals_mat
     if (compiled_for(hardest.device, hardest.dtype) and batch.dtype == hardest.dtype
-            and _plain_cross_entropy(loss)):
-        per_anchor = _NPairCrossEntropy.apply(hardest, batch, index, order, not loss.distance.is_inverted)
-    else:
-        sim = F.take(torch.cat([hardest.reshape(-1), batch.reshape(-1)]), index)
-        if not loss.distance.is_inverted:
-            sim = -sim
-        per_anchor = loss.cross_entropy(sim, targets).index_select(0, order)
+            and _plain_cross_entropy(loss) and labels.dtype != torch.bool):
+        per_anchor, anchors = _NPairCrossEntropy.apply(hardest, batch, hb.layout._original_slots, labels,
+                                                       not loss.distance.is_inverted)
+        loss.num_pairs = anchors.numel()
+        if loss.num_pairs == 0:
+            return loss.zero_losses()
+        return {"loss": {"losses": per_anchor, "indices": anchors, "reduction_type": "element"}}
+    structure = hb.layout.extra("npairs", _npair_structure)
+    loss.num_pairs = 0 if structure is None else len(structure[0])
+    if loss.num_pairs == 0:
+        return loss.zero_losses()
+    a, index = structure
+    # in class order (cached per label pattern), then in PML's order, by label: each anchor's loss
+    # reads only its own row
+    order = torch.argsort(labels.index_select(0, a))
+    sim = F.take(torch.cat([hardest.reshape(-1), batch.reshape(-1)]), index)
+    if not loss.distance.is_inverted:
+        sim = -sim
+    per_anchor = loss.cross_entropy(sim, torch.arange(a.numel(), device=a.device)).index_select(0, order)
     return {"loss": {"losses": per_anchor, "indices": a.index_select(0, order), "reduction_type": "element"}}
