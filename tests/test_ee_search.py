@@ -50,7 +50,7 @@ def search(monkeypatch):
     group and leave the mirrored pairs untested)."""
     def force(path, group_cost=0):
         if path == "rows-compiled" and not NUMBA:
-            pytest.skip("numba is not installed (pip install pml_ext[fast])")
+            pytest.skip("numba does not import here")
         monkeypatch.setattr(K, "_COMPILED", "auto" if path == "rows-compiled" else "off")
         monkeypatch.setattr(E, "_SEARCH", "rows" if path == "rows-compiled" else path)
         monkeypatch.setattr(G, "_GROUP_COST", group_cost)
@@ -250,7 +250,7 @@ def test_search_path_blocked_for_equal_classes_rows_for_small_unequal_sets_group
     assert R.row_entries(layout) == (14 - 9) * 14
 
 
-@pytest.mark.skipif(not NUMBA, reason="numba is not installed (pip install pml_ext[fast])")
+@pytest.mark.skipif(not NUMBA, reason="numba does not import here")
 def test_search_path_compiled_rows_while_its_block_fits_then_groups(monkeypatch):
     """With the compiled row search: rows for balanced and unequal batches of any size, groups once
     the kernel's block (one class's originals x M) exceeds _COMPILED_MAX_BLOCK; half precision (no
@@ -385,7 +385,7 @@ def test_unbalanced_batches_are_built_directly():
 def _compiled(monkeypatch, mode):
     """Switch the compiled kernels on ("auto"; skip without numba) or off."""
     if mode == "auto" and not NUMBA:
-        pytest.skip("numba is not installed (pip install pml_ext[fast])")
+        pytest.skip("numba does not import here")
     monkeypatch.setattr(K, "_COMPILED", mode)
 
 
@@ -551,7 +551,7 @@ def _search_both_ways(monkeypatch, x, y, dist, n, pairs, normalize):
     return out
 
 
-@pytest.mark.skipif(not NUMBA, reason="numba is not installed (pip install pml_ext[fast])")
+@pytest.mark.skipif(not NUMBA, reason="numba does not import here")
 @pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_compiled_row_search_equals_the_row_search_with_tensor_operations(monkeypatch, kind, dtype):
@@ -574,7 +574,7 @@ def test_compiled_row_search_equals_the_row_search_with_tensor_operations(monkey
                 assert torch.equal(a.rows, c_.rows) and torch.equal(a.cols, c_.cols)
 
 
-@pytest.mark.skipif(not NUMBA, reason="numba is not installed (pip install pml_ext[fast])")
+@pytest.mark.skipif(not NUMBA, reason="numba does not import here")
 @pytest.mark.parametrize("kind", ["l2", "cos", "l2raw"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_compiled_row_search_breaks_exact_ties_as_the_row_search(monkeypatch, kind, dtype):

@@ -18,6 +18,14 @@ def test_only_pml_ext_is_installed():
         "console_scripts", "")
 
 
+def test_numba_is_a_dependency():
+    """EE's compiled CPU kernels come with a plain install (the speed targets are met with them)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    requires = cfg["options"]["install_requires"].split()
+    assert any(r.startswith("numba>=") for r in requires), requires
+
+
 def test_no_machine_paths_in_the_library():
     pattern = re.compile(r"/(work|home|tmp|Users)/")
     hits = [f"{p.relative_to(ROOT)}:{i + 1}" for p in (ROOT / "pml_ext").rglob("*.py")

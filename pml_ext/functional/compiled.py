@@ -1,4 +1,4 @@
-"""Whether EE's compiled CPU kernels run (numba, ``pip install pml_ext[fast]``).
+"""Whether EE's compiled CPU kernels run (numba, a dependency of pml_ext).
 
 Two per-batch costs of EE on CPU are mostly the fixed cost of many small operations rather than
 arithmetic: the hard negative pair search and, for a new label pattern, the pattern's layout. With

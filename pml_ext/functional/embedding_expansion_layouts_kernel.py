@@ -1,6 +1,6 @@
 """A new label pattern's layout arrays (Ko & Gu, CVPR 2020, Eq. 1) as compiled loops (numba).
 
-Imported only when numba is installed (``pip install pml_ext[fast]``), by
+Imported only where numba imports (a dependency; without it the tensor code runs), by
 :func:`~pml_ext.functional.embedding_expansion_layouts.batch_layout`. Random and long-tailed
 batches bring a new label pattern every step; with NumPy its layout costs ~40 calls on a few
 hundred integers, each with its fixed cost (~0.4 ms per step under cold caches, as much as the

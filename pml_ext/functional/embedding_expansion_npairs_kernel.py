@@ -1,6 +1,6 @@
 """The dense N-pair loss's gather and cross-entropy as compiled loops (numba).
 
-Imported only when numba is installed (``pip install pml_ext[fast]``), by
+Imported only where numba imports (a dependency; without it the tensor code runs), by
 :mod:`~pml_ext.losses.embedding_expansion_dense`. PML's N-pair loss is a cross-entropy over the
 anchors' [n, n] similarity matrix; on EE's hardened values that matrix is one gather from the
 class pairs' hardest values (its own positive pair on each anchor's diagonal). With tensor

@@ -26,7 +26,7 @@ batched products over the classes' originals, which is cheaper when classes have
 :func:`use_rows` choose. The gradient flows only through the C² selected pairs
 (:func:`~pml_ext.functional.embedding_expansion_pairs.selected_pair_values`).
 
-On CPU in float32 / float64, with numba installed (``pip install pml_ext[fast]``), the no-grad
+On CPU in float32 / float64, with numba (a dependency), the no-grad
 part runs as one compiled kernel instead (:mod:`~pml_ext.functional.embedding_expansion_rows_kernel`,
 :func:`compiled_row_search`): the same pairs, without the ~200 tensor operations' fixed costs.
 """

@@ -1,6 +1,6 @@
 """EE's row search (Ko & Gu, CVPR 2020, §3.2) as one compiled CPU kernel (numba).
 
-Imported only when numba is installed (``pip install pml_ext[fast]``), by
+Imported only where numba imports (a dependency; without it the tensor code runs), by
 :func:`~pml_ext.functional.embedding_expansion_rows.compiled_row_search`. The row search with tensor
 operations issues ~200 of them per call; on CPU, for the few hundred points of a random or
 long-tailed batch, their fixed cost (6-20 µs each with cold caches, as in a training step) is most

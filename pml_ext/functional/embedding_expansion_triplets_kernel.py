@@ -1,6 +1,6 @@
 """The dense Triplet loss's triplet lists and their gathers as compiled loops (numba).
 
-Imported only when numba is installed (``pip install pml_ext[fast]``), by
+Imported only where numba imports (a dependency; without it the tensor code runs), by
 :mod:`~pml_ext.losses.embedding_expansion_dense` on batches whose [B, P, B] box of (anchor,
 positive slot, negative) is mostly empty (long-tailed and random labels): three index lists in
 PML's order and nothing else, where tensor operations build the box and two flat index lists

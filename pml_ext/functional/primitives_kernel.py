@@ -1,6 +1,6 @@
 """The normalised Gram matrix's [B, B] steps as compiled loops (numba).
 
-Imported only when numba is installed (``pip install pml_ext[fast]``), by
+Imported only where numba imports (a dependency; without it the tensor code runs), by
 :class:`~pml_ext.functional.primitives._NormalizedGram`. Around its two matrix products the fused
 L2-normalise + Gram function does ~12 small tensor operations on [B, B] and [B, 1] (norms, their
 clamp and inverse, the outer product of inverses, the scaling; in the backward the symmetrised
