@@ -457,24 +457,25 @@ def test_compiled_npair_cross_entropy_equals_the_tensor_operations(dtype, negate
 @pytest.mark.skipif(not F.compiled_available(), reason="numba does not import here")
 def test_npair_with_singleton_classes_equal_with_and_without_the_compiled_kernels(monkeypatch):
     """N-pair reads only its anchors' class pairs, so most class pairs get a zero gradient (the
-    compiled backward skips them): loss and gradient equal the tensor operations' (float64)."""
+    compiled backward skips them): loss and gradient equal the tensor operations' (float64); also
+    with bool labels (two classes)."""
     import pml_ext.functional.compiled as K
 
     g = torch.Generator().manual_seed(44)
-    y = torch.randint(0, 60, (40,), generator=g)  # many singletons
     x = torch.randn(40, 16, generator=g, dtype=torch.float64)
-    out = []
-    for mode in ("auto", "off"):
-        monkeypatch.setattr(K, "_COMPILED", mode)
+    for y in (torch.randint(0, 60, (40,), generator=g), torch.rand(40, generator=g) < 0.3):  # many singletons; bool
+        out = []
+        for mode in ("auto", "off"):
+            monkeypatch.setattr(K, "_COMPILED", mode)
+            F.embedding_expansion._LAYOUT_CACHE.clear()
+            xx = x.clone().requires_grad_(True)
+            loss = EmbeddingExpansionLoss(losses.NPairsLoss())(xx, y)
+            loss.backward()
+            out.append((loss.detach(), xx.grad))
         F.embedding_expansion._LAYOUT_CACHE.clear()
-        xx = x.clone().requires_grad_(True)
-        loss = EmbeddingExpansionLoss(losses.NPairsLoss())(xx, y)
-        loss.backward()
-        out.append((loss.detach(), xx.grad))
-    F.embedding_expansion._LAYOUT_CACHE.clear()
-    assert torch.allclose(out[0][0], out[1][0], rtol=1e-12, atol=1e-12)
-    assert torch.allclose(out[0][1], out[1][1], rtol=1e-10, atol=1e-12)
-    assert out[0][1].abs().sum() > 0
+        assert torch.allclose(out[0][0], out[1][0], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(out[0][1], out[1][1], rtol=1e-10, atol=1e-12)
+        assert out[0][1].abs().sum() > 0
 
 
 def test_npair_cross_entropy_runs_compiled_only_for_pmls_own():

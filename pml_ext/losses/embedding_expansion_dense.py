@@ -280,8 +280,7 @@ def _dense_npairs(loss, hb: HardenedBatch, labels):
     # the anchors' classes differ, so the hardened [a, p] matrix holds each anchor's own positive on
     # its diagonal and its class pair's hardest value everywhere else: one gather, no [B, B] matrix
     hardest, batch = hb.hardest, hb.originals_mat
-    if (compiled_for(hardest.device, hardest.dtype) and batch.dtype == hardest.dtype
-            and _plain_cross_entropy(loss) and labels.dtype != torch.bool):
+    if compiled_for(hardest.device, hardest.dtype) and batch.dtype == hardest.dtype and _plain_cross_entropy(loss):
         per_anchor, anchors = _NPairCrossEntropy.apply(hardest, batch, hb.layout._original_slots, labels,
                                                        not loss.distance.is_inverted)
         loss.num_pairs = anchors.numel()
