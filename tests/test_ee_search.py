@@ -554,10 +554,13 @@ def _search_both_ways(monkeypatch, x, y, dist, n, pairs, normalize):
 @pytest.mark.skipif(not NUMBA, reason="numba does not import here")
 @pytest.mark.parametrize("kind", list(GRAM_DISTANCES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_row_search_equals_the_row_search_with_tensor_operations(monkeypatch, kind, dtype):
+@pytest.mark.parametrize("track", [0, 1 << 30])
+def test_compiled_row_search_equals_the_row_search_with_tensor_operations(monkeypatch, kind, dtype, track):
     """Same pairs, search values, hardest values and originals-only values, on random and long-tailed
-    batches (B up to 100, singletons included), every n and pairing mode; float32 values to
-    float32 rounding (an exact tie can then go either way: the pairs must have equal values)."""
+    batches (B up to 100, singletons included), every n and pairing mode, the kernel's stage 1 keeping
+    its row points or stage 3 rescanning (``track``); float32 values to float32 rounding (an exact tie
+    can then go either way: the pairs must have equal values)."""
+    monkeypatch.setattr(R, "_TRACK_BELOW", track)
     g = torch.Generator().manual_seed(31)
     for trial in range(8):
         b, c = int(torch.randint(2, 100, (1,), generator=g)), int(torch.randint(2, 30, (1,), generator=g))
@@ -577,11 +580,14 @@ def test_compiled_row_search_equals_the_row_search_with_tensor_operations(monkey
 @pytest.mark.skipif(not NUMBA, reason="numba does not import here")
 @pytest.mark.parametrize("kind", ["l2", "cos", "l2raw"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_row_search_breaks_exact_ties_as_the_row_search(monkeypatch, kind, dtype):
+@pytest.mark.parametrize("track", [0, 1 << 30])
+def test_compiled_row_search_breaks_exact_ties_as_the_row_search(monkeypatch, kind, dtype, track):
     """Every sample twice in its class (and n = 0 or 1): every class pair's best value is attained by
     several pairs; both searches keep the same one (the lowest column point, then the lowest row
-    point). In float32 the tensor operations' vectorised and scalar paths round the "same" value
-    differently (by one unit in the last place), so only the values are compared there."""
+    point), with stage 1 keeping its row points or stage 3 rescanning. In float32 the tensor
+    operations' vectorised and scalar paths round the "same" value differently (by one unit in the
+    last place), so only the values are compared there."""
+    monkeypatch.setattr(R, "_TRACK_BELOW", track)
     g = torch.Generator().manual_seed(32)
     base_y = torch.multinomial(1 / torch.arange(1, 7, dtype=torch.float64), 15, replacement=True, generator=g)
     base = torch.randn(15, 6, generator=g, dtype=torch.float64).to(dtype)

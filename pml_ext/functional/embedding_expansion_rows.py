@@ -69,6 +69,10 @@ _ROWS_MAX_ENTRIES = 2_000_000
 # (8.4M) 3.89 vs 12.50 (grouped); 4 per class, cosine, B = 256 n = 8 (10.9M) 5.1 vs 14.7 and B = 512
 # n = 8 (44M) 21.4 vs 66.7 ms (grouped).
 _COMPILED_MAX_BLOCK = 1 << 24
+# points per class (M / C) below which the kernel's stage 1 keeps each column point's row point, above
+# which stage 3 rescans (kernel alone, in-process, rescan vs tracking: 16x8 n = 2, 64 points per class,
+# 0.29 vs 0.26 ms; n = 4, 120, equal; n = 8, 232, 1.74 vs 2.45; zipf60 n = 8, 128, 2.22 vs 2.52)
+_TRACK_BELOW = 96
 
 
 def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normalize: bool, normalizing: bool
@@ -88,8 +92,10 @@ def compiled_row_search(gram: torch.Tensor, layout, kind: str, distance, normali
     largest = int(np.argmax(sizes)) if sizes.size else 0  # the first largest, as row_plan
     out = row_search(gram.numpy(), first, second, w_first, w_second, point_class, layout.first_index.numpy(),
                      layout.num_classes, largest, normalizing, kind == "euclidean", normalize,
-                     bool(distance.normalize_embeddings), bool(distance.is_inverted), float(distance.power))
+                     bool(distance.normalize_embeddings), bool(distance.is_inverted), float(distance.power),
+                     _TRACK_BELOW)
     return (*(torch.from_numpy(a) for a in out[:5]), bool(out[5]))
+
 
 
 def _index_arrays(layout):

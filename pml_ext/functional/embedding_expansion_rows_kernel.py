@@ -43,6 +43,14 @@ def _combine_into(out, g, f, s, wf, ws, m):
 
 
 @numba.njit(cache=True, nogil=True)
+def _max_into(acc, gf, gs, wf, ws, lo, hi):
+    """acc[q] = max(acc[q], gf[q]·wf + gs[q]·ws) for q in [lo, hi): no reduction, so LLVM vectorises
+    it (the unsigned range spares the negative-index wraparound that keeps it scalar)."""
+    for q in range(np.uint64(lo), np.uint64(hi)):
+        acc[q] = max(acc[q], gf[q] * wf + gs[q] * ws)
+
+
+@numba.njit(cache=True, nogil=True)
 def _argmax_into(acc, idx, i, gf, gs, wf, ws, lo, hi):
     """acc[q], idx[q] = v, i where v = gf[q]·wf + gs[q]·ws is larger than acc[q] (the first best
     is kept, NaN never), for q in [lo, hi): selects, not branches, and an unsigned range (no
@@ -72,13 +80,17 @@ def _hardness(inner, sq_r, sq_q, off_sphere, pw, sign, tiny, buf):
 
 @numba.njit(cache=True, nogil=True)
 def row_search(gram, first, second, w_first, w_second, point_class, first_index, num_classes, largest,
-               normalizing, euclidean, normalize, distance_normalizes, distance_inverted, power):
+               normalizing, euclidean, normalize, distance_normalizes, distance_inverted, power, track_below):
     """``(best, rows, cols, weights, sq, inverted)``: see
     :func:`~pml_ext.functional.embedding_expansion_rows.compiled_row_search`. ``gram`` [B, B] the
     originals' Gram matrix; ``first``/``second``/``w_first``/``w_second`` [M] every point's
     endpoints and EE Eq. 1 weights; ``point_class`` [M]; ``first_index`` [C] each class's first
     original; ``largest`` the class whose pairs the tensor row search takes from the other class's
-    side (which decides their ties)."""
+    side (which decides their ties). Stage 1 keeps each column point's row point while there are
+    fewer than ``track_below`` points per class on average; beyond, stage 3 rescans x per class pair
+    instead (tracking costs a select and a store per stage-1 entry, the rescan C scattered loads per
+    point of x: at 8 synthetic points per pair tracking was 1.3x slower on 16x8, at 2 the rescan
+    1.1-1.6x)."""
     b, m, c = gram.shape[0], first.shape[0], num_classes
     weights = np.empty((2, m), gram.dtype)
     sq = np.empty(m, gram.dtype)
@@ -135,6 +147,7 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
     cols = np.zeros((c, c), np.int64)
     acc = np.empty(m, gram.dtype)
     idx = np.empty(m, np.int32)  # a point of x per column point (int32: twice the lanes of int64)
+    track = m < track_below * c
     for x in range(c):
         if x == largest:  # its pairs come from the other classes' side, below
             continue
@@ -148,9 +161,12 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
         for i in range(x0, x1):
             r = order[i]
             gf, gs, sq_r = gt[local[first[r]]], gt[local[second[r]]], sq[r]
-            if plain:
+            if plain and track:
                 _argmax_into(acc, idx, i, gf, gs, weights[0, r] * sg, weights[1, r] * sg, 0, x0)
                 _argmax_into(acc, idx, i, gf, gs, weights[0, r] * sg, weights[1, r] * sg, x1, m)
+            elif plain:
+                _max_into(acc, gf, gs, weights[0, r] * sg, weights[1, r] * sg, 0, x0)
+                _max_into(acc, gf, gs, weights[0, r] * sg, weights[1, r] * sg, x1, m)
             else:
                 for q in range(m):
                     if q < x0 or q >= x1:
@@ -161,15 +177,24 @@ def row_search(gram, first, second, w_first, w_second, point_class, first_index,
         for y in range(c):
             if y == x:
                 continue
-            # stage 2: the first point of y attaining the best (none: NaN values; its first then),
-            # against the point of x stage 1 kept for it
+            # stage 2: the first point of y attaining the best (none: NaN values; its first then)
             s0, s1 = start[y], start[y + 1]
             bh = segment_max(acc, s0, s1)
             q = s0
             while q < s1 and acc[q] != bh:
                 q += 1
             q = s0 if q == s1 else q
-            best[x, y], rows[x, y], cols[x, y] = sg * bh, order[idx[q]], order[q]
+            # stage 3: the first point of x attaining it against that point: kept by stage 1, or its
+            # values recomputed as stage 1 computed them (the first best, should rounding ever differ)
+            i_best = idx[q]
+            if plain and not track:
+                top = -np.inf
+                for i in range(x0, x1):
+                    r = order[i]
+                    v = gt[local[first[r]], q] * (weights[0, r] * sg) + gt[local[second[r]], q] * (weights[1, r] * sg)
+                    if v > top:
+                        top, i_best = v, i
+            best[x, y], rows[x, y], cols[x, y] = sg * bh, order[i_best], order[q]
     if largest < c:  # the largest class's pairs from the other class's side, as the row search
         for y in range(c):
             if y != largest:
