@@ -191,12 +191,10 @@ def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
                  dtype: torch.dtype = torch.float32) -> BatchLayout:
     """The :class:`BatchLayout` of a batch's labels, cached by label pattern (LRU, 8 entries)."""
     lab = labels.numpy() if labels.device.type == "cpu" and labels.numel() else None
+    # with the compiled class numbering (one call) the numbering itself is the cache key, below; else
+    # the most recent pattern first: a sampler repeats one pattern every batch
     numbered = lab is not None and compiled_available() and lab.dtype.kind in "iu"
-    if numbered:
-        # one compiled call numbers the classes, and the numbering is the cache key: no separate
-        # pattern check (each NumPy call costs 10-40 µs with a training step's cold caches)
-        cls, first = _first_appearance_numpy(lab)
-    elif _LAYOUT_CACHE:  # the most recent pattern first: a sampler repeats one pattern every batch
+    if _LAYOUT_CACHE and not numbered:
         key, layout = next(reversed(_LAYOUT_CACHE.items()))
         if key[1:] == (n_points, pairs, str(labels.device), dtype) and _same_pattern(layout, labels, lab):
             layout.uses += 1
@@ -206,8 +204,7 @@ def batch_layout(labels: torch.Tensor, n_points: int = 2, pairs: str = "all",
         cls = first = None
         pattern = classes.cpu().numpy().tobytes()
     else:  # NumPy from here on: a new label pattern (every step for random batches) pays this
-        if not numbered:
-            cls, first = _first_appearance_numpy(lab)
+        cls, first = _first_appearance_numpy(lab)
         classes, c = torch.from_numpy(cls), first.size
         pattern = cls.tobytes()
     key = (pattern, n_points, pairs, str(labels.device), dtype)

@@ -30,17 +30,14 @@ def npair_cross_entropy(hardest, batch, slots, labels, negate):
     the anchors' labels differ), ``anchors[k]`` its anchor; ``prob`` [n, n] the rows' softmax for
     the backward. As ``torch.nn.functional.cross_entropy``: x − max − log Σ exp(x − max)."""
     b = batch.shape[0]
+    # a [C, 1] table holds singletons only: no anchor
+    anchor_classes = np.empty(slots.shape[0] if slots.shape[1] >= 2 else 0, np.int64)
     n = 0
-    if slots.shape[1] >= 2:
-        for x in range(slots.shape[0]):
-            if slots[x, 1] < b:
-                n += 1
-    anchor_classes = np.empty(n, np.int64)
-    i = 0
-    for x in range(slots.shape[0] if n else 0):
+    for x in range(anchor_classes.size):
         if slots[x, 1] < b:
-            anchor_classes[i] = x
-            i += 1
+            anchor_classes[n] = x
+            n += 1
+    anchor_classes = anchor_classes[:n]
     sign = -1.0 if negate else 1.0
     prob = np.empty((n, n), hardest.dtype)
     per_row = np.empty(n, hardest.dtype)

@@ -5,8 +5,8 @@ Imported only where numba imports (a dependency; without it the tensor code runs
 L2-normalise + Gram function does ~12 small tensor operations on [B, B] and [B, 1] (norms, their
 clamp and inverse, the outer product of inverses, the scaling; in the backward the symmetrised
 gradient, its row sums against G, the scaling and the diagonal's correction): on CPU their fixed
-cost is about half of the function's time at B = 128. Here each pass is one call (tested equal, values and
-gradients, to the tensor operations and to normalise-then-Gram).
+cost is about half of the function's time at B = 128. Here each pass is one call (tested equal,
+values and gradients, to the tensor operations and to normalise-then-Gram).
 """
 from __future__ import annotations
 
