@@ -283,20 +283,27 @@ def _dense_npairs(loss, hb: HardenedBatch, labels):
     if compiled_for(hardest.device, hardest.dtype) and batch.dtype == hardest.dtype and _plain_cross_entropy(loss):
         per_anchor, anchors = _NPairCrossEntropy.apply(hardest, batch, hb.layout._original_slots, labels,
                                                        not loss.distance.is_inverted)
-        loss.num_pairs = anchors.numel()
-        if loss.num_pairs == 0:
-            return loss.zero_losses()
-        return {"loss": {"losses": per_anchor, "indices": anchors, "reduction_type": "element"}}
-    structure = hb.layout.extra("npairs", _npair_structure)
-    loss.num_pairs = 0 if structure is None else len(structure[0])
+    else:
+        per_anchor, anchors = _npair_losses_with_tensors(loss, hb, labels)
+    loss.num_pairs = anchors.numel()
     if loss.num_pairs == 0:
         return loss.zero_losses()
+    return {"loss": {"losses": per_anchor, "indices": anchors, "reduction_type": "element"}}
+
+
+def _npair_losses_with_tensors(loss, hb: HardenedBatch, labels):
+    """(per-anchor losses, anchors) of :func:`_dense_npairs` in PML's order, by tensor operations (GPU,
+    half precision, a user's cross-entropy); both empty without an anchor."""
+    structure = hb.layout.extra("npairs", _npair_structure)
+    if structure is None:
+        empty = labels.new_zeros(0, dtype=torch.long)
+        return empty, empty
     a, index = structure
     # in class order (cached per label pattern), then in PML's order, by label: each anchor's loss
     # reads only its own row
     order = torch.argsort(labels.index_select(0, a))
-    sim = F.take(torch.cat([hardest.reshape(-1), batch.reshape(-1)]), index)
+    sim = F.take(torch.cat([hb.hardest.reshape(-1), hb.originals_mat.reshape(-1)]), index)
     if not loss.distance.is_inverted:
         sim = -sim
     per_anchor = loss.cross_entropy(sim, torch.arange(a.numel(), device=a.device)).index_select(0, order)
-    return {"loss": {"losses": per_anchor, "indices": a.index_select(0, order), "reduction_type": "element"}}
+    return per_anchor, a.index_select(0, order)
